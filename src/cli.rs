@@ -1,0 +1,128 @@
+//! Command line: `run` (the default) and `crd`.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand};
+use url::Url;
+
+use crate::{google::Endpoints, telemetry::LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gcp-token-operator",
+    version,
+    about = "Keeps short-lived Google access tokens fresh in Kubernetes Secrets"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `run` options, accepted without the subcommand name.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the operator (default).
+    Run(Box<RunArgs>),
+    /// Print the TokenRequest CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Namespace to watch; repeat for several. Default: all namespaces.
+    #[arg(long = "namespace", env = "GCP_TOKEN_OPERATOR_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// TokenRequests reconciled at once (per watched namespace).
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+    /// Address of the health and metrics server.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Security Token Service base URL.
+    #[arg(
+        long,
+        env = "GCP_TOKEN_OPERATOR_STS_ENDPOINT",
+        default_value = "https://sts.googleapis.com"
+    )]
+    pub sts_endpoint: Url,
+    /// IAM Credentials base URL.
+    #[arg(
+        long,
+        env = "GCP_TOKEN_OPERATOR_IAM_CREDENTIALS_ENDPOINT",
+        default_value = "https://iamcredentials.googleapis.com"
+    )]
+    pub iam_credentials_endpoint: Url,
+    /// Developer Connect base URL.
+    #[arg(
+        long,
+        env = "GCP_TOKEN_OPERATOR_DEVELOPER_CONNECT_ENDPOINT",
+        default_value = "https://developerconnect.googleapis.com"
+    )]
+    pub developer_connect_endpoint: Url,
+    /// Discovery Engine base URL. Default: Google's, with the us/eu multi-region hosts chosen from
+    /// the data connector's location.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_DISCOVERY_ENGINE_ENDPOINT")]
+    pub discovery_engine_endpoint: Option<Url>,
+    /// OAuth 2.0 base URL (`/token`, `/tokeninfo`).
+    #[arg(
+        long,
+        env = "GCP_TOKEN_OPERATOR_OAUTH2_ENDPOINT",
+        default_value = "https://oauth2.googleapis.com"
+    )]
+    pub oauth2_endpoint: Url,
+    /// GCE metadata server base URL.
+    #[arg(
+        long,
+        env = "GCP_TOKEN_OPERATOR_METADATA_ENDPOINT",
+        default_value = "http://metadata.google.internal"
+    )]
+    pub metadata_endpoint: Url,
+}
+
+impl RunArgs {
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            sts: self.sts_endpoint.clone(),
+            iam_credentials: self.iam_credentials_endpoint.clone(),
+            developer_connect: self.developer_connect_endpoint.clone(),
+            discovery_engine: self.discovery_engine_endpoint.clone(),
+            oauth2: self.oauth2_endpoint.clone(),
+            metadata: self.metadata_endpoint.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_is_the_default_and_flags_parse() {
+        let cli = Cli::parse_from([
+            "gcp-token-operator",
+            "--namespace",
+            "a",
+            "--namespace",
+            "b",
+            "--sts-endpoint",
+            "http://127.0.0.1:9000",
+            "--log-format",
+            "json",
+        ]);
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.namespaces, vec!["a", "b"]);
+        assert_eq!(cli.run.endpoints().sts.as_str(), "http://127.0.0.1:9000/");
+        assert_eq!(cli.run.endpoints().discovery_engine, None);
+        assert_eq!(cli.run.log_format, LogFormat::Json);
+    }
+}

@@ -1,0 +1,205 @@
+//! Wiring: watches, caches, the controller loop and its shared context.
+
+mod reconcile;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::{StreamExt, future};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::ListParams,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::{self, Action},
+        events::{Recorder, Reporter},
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use tracing::{info, warn};
+
+pub use self::reconcile::{Error, reconcile};
+use crate::{
+    crd::TokenRequest,
+    google::GoogleClient,
+    metrics::{Metrics, ObjectLabels},
+    render::{MANAGED_SELECTOR, TOKEN_REQUEST_LABEL},
+};
+
+/// The one field manager for every write the operator makes.
+pub const FIELD_MANAGER: &str = "gcp-token-operator";
+
+/// What the reconciler needs; one per watched namespace (or one for all namespaces).
+pub struct Context {
+    pub client: Client,
+    pub google: GoogleClient,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub token_requests: Store<TokenRequest>,
+    pub secrets: Store<Secret>,
+}
+
+pub struct Settings {
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    pub concurrency: u16,
+    /// Reported as the Events' reporting instance (the pod name in a cluster).
+    pub instance: String,
+}
+
+/// Fails early, with a hint, when the CRD is not installed.
+pub async fn check_crd(client: &Client, namespaces: &[String]) -> Result<(), kube::Error> {
+    let api: Api<TokenRequest> = match namespaces.first() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    api.list_metadata(&ListParams::default().limit(1)).await.map(|_| ())
+}
+
+/// Runs one controller per watched namespace until a shutdown signal. `ready` turns true once
+/// every cache has synced.
+pub async fn run(
+    client: Client,
+    google: GoogleClient,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    ready: Arc<AtomicBool>,
+) {
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut syncs = Vec::new();
+    let mut controllers = Vec::new();
+    for namespace in scopes {
+        let (controller, synced) = controller_for(&client, &google, &metrics, &settings, namespace.as_deref());
+        syncs.push(synced);
+        controllers.push(controller);
+    }
+    tokio::spawn(async move {
+        future::join_all(syncs).await;
+        ready.store(true, Ordering::Relaxed);
+        info!("caches synced");
+    });
+    future::join_all(controllers).await;
+}
+
+fn api_in<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn controller_for(
+    client: &Client,
+    google: &GoogleClient,
+    metrics: &Arc<Metrics>,
+    settings: &Settings,
+    namespace: Option<&str>,
+) -> (future::BoxFuture<'static, ()>, future::BoxFuture<'static, ()>) {
+    // managedFields is dropped from the caches: it is often larger than the rest of the object.
+    let (tr_reader, tr_writer) = reflector::store();
+    let token_requests = watcher(
+        api_in::<TokenRequest>(client, namespace),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .modify(|tr| tr.managed_fields_mut().clear())
+    .reflect(tr_writer)
+    .applied_objects();
+    // Only the operator's own Secrets are watched and cached, never every Secret of the cluster.
+    let (secret_reader, secret_writer) = reflector::store();
+    let secrets = watcher(
+        api_in::<Secret>(client, namespace),
+        watcher::Config::default().labels(MANAGED_SELECTOR).any_semantic(),
+    )
+    .default_backoff()
+    .modify(|s| s.managed_fields_mut().clear())
+    .reflect(secret_writer)
+    .touched_objects();
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        google: google.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(settings.instance.clone()),
+            },
+        ),
+        metrics: metrics.clone(),
+        token_requests: tr_reader.clone(),
+        secrets: secret_reader.clone(),
+    });
+    let synced = {
+        let (a, b) = (tr_reader.clone(), secret_reader.clone());
+        Box::pin(async move {
+            let _ = futures::join!(a.wait_until_ready(), b.wait_until_ready());
+        }) as future::BoxFuture<'static, ()>
+    };
+    let mapper_store = tr_reader.clone();
+    let metrics = metrics.clone();
+    let controller = Controller::for_stream(token_requests, tr_reader)
+        .watches_stream(secrets, move |secret| triggered_by_secret(&mapper_store, &secret))
+        .with_config(controller::Config::default().concurrency(settings.concurrency))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(move |result| {
+            match result {
+                Ok(_) => {}
+                // A deleted TokenRequest: its Secret goes with it (ownerReference), its series too.
+                Err(controller::Error::ObjectNotFound(obj)) => metrics.forget(&ObjectLabels {
+                    namespace: obj.namespace.unwrap_or_default(),
+                    name: obj.name,
+                }),
+                Err(controller::Error::ReconcilerFailed(e, obj)) => {
+                    warn!(object = %obj, error = %e, "reconcile failed")
+                }
+                Err(e) => warn!(error = %e, "controller error"),
+            }
+            future::ready(())
+        });
+    (Box::pin(controller), synced)
+}
+
+/// A change to a managed Secret concerns the TokenRequest that owns it and every TokenRequest
+/// that uses that one as its source (so a chain moves on as soon as its upstream has a token).
+fn triggered_by_secret(token_requests: &Store<TokenRequest>, secret: &Secret) -> Vec<ObjectRef<TokenRequest>> {
+    let Some(namespace) = secret.namespace() else {
+        return Vec::new();
+    };
+    let Some(owner) = secret.labels().get(TOKEN_REQUEST_LABEL).cloned() else {
+        return Vec::new();
+    };
+    let mut refs = vec![ObjectRef::new(&owner).within(&namespace)];
+    refs.extend(
+        token_requests
+            .state()
+            .iter()
+            .filter(|tr| tr.namespace().as_deref() == Some(namespace.as_str()))
+            .filter(|tr| tr.spec.source.token_request.as_ref().is_some_and(|s| s.name == owner))
+            .map(|tr| ObjectRef::from_obj(tr.as_ref())),
+    );
+    refs
+}
+
+/// Only failures to write status end up here; everything else is handled (and reported in the
+/// status) by the reconciler itself.
+fn error_policy(tr: Arc<TokenRequest>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.count_error(error.metric_label());
+    warn!(namespace = tr.namespace().unwrap_or_default(), name = tr.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5) + Duration::from_millis(fastrand::u64(0..5000)))
+}

@@ -1,0 +1,571 @@
+//! One reconcile of one TokenRequest: decide whether the held token is good, mint a new one when
+//! it is not, write the Secret and the status.
+
+use std::{sync::Arc, time::Instant};
+
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType},
+        reflector::ObjectRef,
+    },
+};
+use tracing::{debug, info, warn};
+
+use super::{Context, FIELD_MANAGER};
+use crate::{
+    crd::{TokenRequest, TokenRequestStatus},
+    google::GoogleError,
+    metrics::ObjectLabels,
+    refresh::{self, ErrorClass},
+    render::{self, StoredToken, TokenRecord},
+    source::{Credential, SourceError, Sources},
+    status::{self, Reason},
+    validation::{Flow, ValidSpec, validate},
+};
+
+/// Failures that end a reconcile without a status written; retried by the error policy.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("writing the status failed: {0}")]
+    PatchStatus(#[source] kube::Error),
+    #[error("reading Secret {name:?} failed: {source}")]
+    ReadSecret {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::PatchStatus(_) => "PatchStatus",
+            Self::ReadSecret { .. } => "ReadSecret",
+        }
+    }
+}
+
+/// Why an attempt to obtain and store a token failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("source: {0}")]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Google(#[from] GoogleError),
+    #[error("writing Secret {name:?} failed: {source}")]
+    ApplySecret {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Failure {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::Source(e) => e.class(),
+            Self::Google(e) => e.class(),
+            Self::ApplySecret {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code < 500 && s.code != 429 => ErrorClass::Permanent,
+            Self::ApplySecret { .. } => ErrorClass::Transient,
+        }
+    }
+
+    fn reason(&self) -> Reason {
+        match self {
+            Self::Source(_) => Reason::SourceNotReady,
+            Self::Google(e) => e.reason(),
+            Self::ApplySecret { .. } => Reason::ApiError,
+        }
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Google(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+}
+
+/// The Secret of the target name, as far as this TokenRequest is concerned.
+enum Existing {
+    Missing,
+    Owned(Arc<Secret>),
+    /// Exists and is not controlled by this TokenRequest: never touched.
+    Foreign,
+}
+
+pub async fn reconcile(tr: Arc<TokenRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = Reconciler::new(&tr, &ctx).run().await;
+    ctx.metrics.observe_reconcile(started.elapsed());
+    result
+}
+
+struct Reconciler<'a> {
+    tr: &'a TokenRequest,
+    ctx: &'a Context,
+    namespace: String,
+    name: String,
+    now: Timestamp,
+    status: TokenRequestStatus,
+}
+
+impl<'a> Reconciler<'a> {
+    fn new(tr: &'a TokenRequest, ctx: &'a Context) -> Self {
+        Self {
+            tr,
+            ctx,
+            namespace: tr.namespace().unwrap_or_default(),
+            name: tr.name_any(),
+            now: Timestamp::now(),
+            status: tr.status.clone().unwrap_or_default(),
+        }
+    }
+
+    async fn run(self) -> Result<Action, Error> {
+        let spec = match validate(&self.tr.spec, &self.name) {
+            Ok(spec) => spec,
+            Err(invalid) => return self.invalid_spec(&invalid.to_string()).await,
+        };
+        // Until the Secret cache has synced, every lookup would miss and fall back to a GET.
+        let _ = self.ctx.secrets.wait_until_ready().await;
+        let existing = self.existing_secret(&spec.secret.name).await?;
+        let stored = match &existing {
+            Existing::Foreign => return self.secret_conflict(&spec).await,
+            Existing::Missing => None,
+            Existing::Owned(secret) => render::stored_token(secret, &spec.secret),
+        };
+        // Only a token the current flow and source produced counts; anything else is replaced.
+        let held = stored.filter(|t| t.spec_hash == spec.token_hash);
+        let valid = held.as_ref().filter(|t| t.record.expires_at > self.now);
+
+        if let Some(next_attempt) = self.backing_off(&spec) {
+            return self.wait_for_retry(&spec, held.as_ref(), next_attempt).await;
+        }
+        if let Some(token) = valid {
+            let refresh_at = self.refresh_point(&spec, &token.record);
+            if self.now < refresh_at {
+                return self.keep(&spec, &existing, token, refresh_at).await;
+            }
+        }
+        self.mint_and_store(&spec, &existing, valid).await
+    }
+
+    fn object_key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    fn refresh_point(&self, spec: &ValidSpec, record: &TokenRecord) -> Timestamp {
+        refresh::refresh_point(record.issued_at, record.expires_at, &spec.refresh, &self.object_key())
+    }
+
+    fn generation_observed(&self) -> bool {
+        self.status.observed_generation.is_some() && self.status.observed_generation == self.tr.metadata.generation
+    }
+
+    /// The time of the next attempt while failures are backing off. A spec change, or a fresh token
+    /// in an upstream TokenRequest, ends the backoff at once.
+    fn backing_off(&self, spec: &ValidSpec) -> Option<Timestamp> {
+        if self.status.failed_attempts.unwrap_or(0) == 0 || !self.generation_observed() {
+            return None;
+        }
+        let next = self.status.next_refresh_time.as_ref()?.0;
+        if next <= self.now {
+            return None;
+        }
+        let last_failure = self.status.last_failure_time.as_ref().map(|t| t.0);
+        let upstream_moved = self
+            .sources()
+            .upstream_issued_at(&spec.source)
+            .zip(last_failure)
+            .is_some_and(|(u, f)| u > f);
+        (!upstream_moved).then_some(next)
+    }
+
+    fn sources(&self) -> Sources<'_> {
+        Sources {
+            client: &self.ctx.client,
+            namespace: &self.namespace,
+            token_requests: &self.ctx.token_requests,
+            managed_secrets: &self.ctx.secrets,
+        }
+    }
+
+    async fn existing_secret(&self, name: &str) -> Result<Existing, Error> {
+        let uid = self.tr.uid().unwrap_or_default();
+        let classify = |s: Arc<Secret>| {
+            if render::is_controlled_by(&s, &uid) {
+                Existing::Owned(s)
+            } else {
+                Existing::Foreign
+            }
+        };
+        if let Some(cached) = self.ctx.secrets.get(&ObjectRef::new(name).within(&self.namespace)) {
+            return Ok(classify(cached));
+        }
+        // Not in the cache of labelled Secrets: absent, stripped of its label, or someone else's.
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        match api.get_opt(name).await {
+            Ok(Some(secret)) => Ok(classify(Arc::new(secret))),
+            Ok(None) => Ok(Existing::Missing),
+            Err(source) => Err(Error::ReadSecret {
+                name: name.into(),
+                source,
+            }),
+        }
+    }
+
+    /// The held token is good until `refresh_at`: repair Secret drift without minting.
+    async fn keep(
+        self,
+        spec: &ValidSpec,
+        existing: &Existing,
+        token: &StoredToken,
+        refresh_at: Timestamp,
+    ) -> Result<Action, Error> {
+        if let Err(failure) = self.apply_secret(spec, existing, &token.record).await {
+            return self.failed(spec, Some(token), failure).await;
+        }
+        let reason = match self.tr.ready_condition().map(|c| c.reason.as_str()) {
+            Some("Refreshed") => Reason::Refreshed,
+            _ => Reason::Issued,
+        };
+        self.succeeded(spec, &token.record, refresh_at, reason).await
+    }
+
+    async fn mint_and_store(
+        self,
+        spec: &ValidSpec,
+        existing: &Existing,
+        valid: Option<&StoredToken>,
+    ) -> Result<Action, Error> {
+        let flow = spec.flow.name();
+        let minted = match self.mint(spec).await {
+            Ok(record) => record,
+            Err(failure) => {
+                self.ctx.metrics.count_attempt(flow, failure.reason().as_str());
+                return self.failed(spec, valid, failure).await;
+            }
+        };
+        if let Err(failure) = self.apply_secret(spec, existing, &minted).await {
+            self.ctx.metrics.count_attempt(flow, failure.reason().as_str());
+            return self.failed(spec, valid, failure).await;
+        }
+        self.ctx.metrics.count_attempt(flow, "Success");
+        self.delete_stale_secrets(&spec.secret.name).await;
+        let reason = if valid.is_some() {
+            Reason::Refreshed
+        } else {
+            Reason::Issued
+        };
+        let recovered = self.status.failed_attempts.unwrap_or(0) > 0;
+        info!(namespace = %self.namespace, name = %self.name, flow, fingerprint = %minted.fingerprint(),
+              expires_at = %minted.expires_at, "token {}", if valid.is_some() { "refreshed" } else { "issued" });
+        if recovered {
+            self.publish(
+                EventType::Normal,
+                "Recovered",
+                format!(
+                    "token obtained again after {} failed attempts",
+                    self.status.failed_attempts.unwrap_or(0)
+                ),
+            )
+            .await;
+        } else if valid.is_none() {
+            self.publish(
+                EventType::Normal,
+                reason.as_str(),
+                format!("token issued by {flow}; expires at {}", minted.expires_at),
+            )
+            .await;
+        }
+        let refresh_at = self.refresh_point(spec, &minted);
+        self.succeeded(spec, &minted, refresh_at, reason).await
+    }
+
+    async fn mint(&self, spec: &ValidSpec) -> Result<TokenRecord, Failure> {
+        let Credential {
+            token: caller,
+            expires_at: caller_expiry,
+        } = self.sources().resolve(&spec.source).await?;
+        let google = &self.ctx.google;
+        let issued_at = Timestamp::now();
+        let issued = match &spec.flow {
+            Flow::Sts(p) => google.sts_exchange(p, &caller).await?,
+            Flow::Impersonation(p) => google.generate_access_token(&caller, p).await?,
+            Flow::DeveloperConnect { account_connector } => {
+                google.fetch_access_token(&caller, account_connector).await?
+            }
+            Flow::DiscoveryEngine {
+                data_connector,
+                scope,
+                action,
+            } => {
+                google
+                    .acquire_access_token(&caller, data_connector, scope.as_deref(), action.as_deref())
+                    .await?
+            }
+        };
+        // STS returns no expiry for an access-token subject: the new token lives as long as that one.
+        let inherited = matches!(spec.flow, Flow::Sts(_)).then_some(caller_expiry).flatten();
+        let expires_at = issued
+            .expires_at
+            .or(inherited)
+            .unwrap_or_else(|| refresh::assumed_expiry(issued_at, &spec.refresh));
+        Ok(TokenRecord {
+            token: issued.token,
+            issued_at,
+            expires_at,
+            scopes: issued.scopes,
+        })
+    }
+
+    /// Server-side applies the Secret, unless it already is exactly as desired.
+    async fn apply_secret(&self, spec: &ValidSpec, existing: &Existing, record: &TokenRecord) -> Result<(), Failure> {
+        let desired = render::desired_secret(self.tr, spec, record);
+        if let Existing::Owned(current) = existing
+            && render::secret_is_current(current, &desired)
+        {
+            return Ok(());
+        }
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch(&spec.secret.name, &params, &Patch::Apply(&desired))
+            .await
+            .map(|_| debug!(namespace = %self.namespace, secret = %spec.secret.name, "Secret applied"))
+            .map_err(|source| Failure::ApplySecret {
+                name: spec.secret.name.clone(),
+                source,
+            })
+    }
+
+    /// After `spec.secret.name` changed, the Secrets written under earlier names go.
+    async fn delete_stale_secrets(&self, current: &str) {
+        let uid = self.tr.uid().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let stale = self.ctx.secrets.state().into_iter().filter(|s| {
+            s.namespace().as_deref() == Some(self.namespace.as_str())
+                && s.name_any() != current
+                && render::is_controlled_by(s, &uid)
+        });
+        for secret in stale {
+            if let Err(e) = api.delete(&secret.name_any(), &Default::default()).await {
+                warn!(namespace = %self.namespace, secret = %secret.name_any(), error = %e, "deleting a stale Secret failed");
+            }
+        }
+    }
+
+    async fn succeeded(
+        self,
+        spec: &ValidSpec,
+        record: &TokenRecord,
+        refresh_at: Timestamp,
+        reason: Reason,
+    ) -> Result<Action, Error> {
+        let message = format!(
+            "Secret {} holds a token from {} that expires at {}; refresh at {}",
+            spec.secret.name,
+            spec.flow.name(),
+            record.expires_at,
+            refresh_at
+        );
+        let mut status = self.base_status(spec, true, reason, message);
+        status.expiration_time = Some(Time(record.expires_at));
+        status.last_refresh_time = Some(Time(record.issued_at));
+        status.next_refresh_time = Some(Time(refresh_at));
+        status.scopes = record.scopes.clone();
+        status.token_fingerprint = Some(record.fingerprint());
+        status.failed_attempts = None;
+        self.set_schedule(Some(record.expires_at), refresh_at);
+        self.write_status(status).await?;
+        Ok(Action::requeue(refresh::delay_until(Timestamp::now(), refresh_at)))
+    }
+
+    async fn failed(self, spec: &ValidSpec, valid: Option<&StoredToken>, failure: Failure) -> Result<Action, Error> {
+        let attempts = if self.generation_observed() {
+            self.status.failed_attempts.unwrap_or(0) + 1
+        } else {
+            1
+        };
+        let valid_until = valid.map(|t| t.record.expires_at);
+        let delay = refresh::retry_delay(
+            attempts,
+            failure.class(),
+            failure.retry_after(),
+            self.now,
+            valid_until,
+            fastrand::f64(),
+        );
+        let next_attempt = self.now.checked_add(delay).unwrap_or(self.now);
+        warn!(namespace = %self.namespace, name = %self.name, attempts, error = %failure, retry_in = ?delay, "obtaining a token failed");
+        self.publish(EventType::Warning, failure.reason().as_str(), failure.to_string())
+            .await;
+        let (ready, reason, message) = match valid {
+            Some(t) => (
+                true,
+                Reason::RefreshFailed,
+                format!(
+                    "refresh failed ({}): {failure}; the token in Secret {} stays valid until {}; next attempt at {next_attempt}",
+                    failure.reason().as_str(),
+                    spec.secret.name,
+                    t.record.expires_at
+                ),
+            ),
+            None => (
+                false,
+                failure.reason(),
+                format!("{failure}; next attempt at {next_attempt}"),
+            ),
+        };
+        let mut status = self.base_status(spec, ready, reason, message);
+        status.failed_attempts = Some(attempts);
+        status.last_failure_time = Some(Time(self.now));
+        status.next_refresh_time = Some(Time(next_attempt));
+        if valid.is_none() {
+            status.token_fingerprint = None;
+        }
+        self.set_schedule(valid_until, next_attempt);
+        self.write_status(status).await?;
+        // Come back at expiry too, so Ready turns False the moment the held token lapses.
+        let wake = valid_until.filter(|u| *u < next_attempt).unwrap_or(next_attempt);
+        Ok(Action::requeue(refresh::delay_until(Timestamp::now(), wake)))
+    }
+
+    /// Waiting for the next attempt after failures; only keeps Ready in line with the held token.
+    async fn wait_for_retry(
+        self,
+        spec: &ValidSpec,
+        held: Option<&StoredToken>,
+        next_attempt: Timestamp,
+    ) -> Result<Action, Error> {
+        let expired_at = held.map(|t| t.record.expires_at).filter(|e| *e <= self.now);
+        let still_ready = self.tr.ready_condition().is_some_and(|c| c.status == "True");
+        if let (Some(expired_at), true) = (expired_at, still_ready) {
+            let message =
+                format!("the token expired at {expired_at} and could not be refreshed; next attempt at {next_attempt}");
+            let status = self.base_status(spec, false, Reason::Expired, message);
+            self.publish(
+                EventType::Warning,
+                Reason::Expired.as_str(),
+                format!("token expired at {expired_at}"),
+            )
+            .await;
+            self.write_status(status).await?;
+        }
+        let valid_until = held
+            .map(|t| t.record.expires_at)
+            .filter(|e| *e > self.now && *e < next_attempt);
+        Ok(Action::requeue(refresh::delay_until(
+            self.now,
+            valid_until.unwrap_or(next_attempt),
+        )))
+    }
+
+    async fn invalid_spec(self, problems: &str) -> Result<Action, Error> {
+        let message = format!("invalid spec, nothing was requested from Google: {problems}");
+        let status = TokenRequestStatus {
+            conditions: vec![self.condition(false, Reason::InvalidSpec, message.clone())],
+            observed_generation: self.tr.metadata.generation,
+            ..self.status.clone()
+        };
+        if status::status_changed(self.tr.status.as_ref(), &status) {
+            self.publish(EventType::Warning, Reason::InvalidSpec.as_str(), message)
+                .await;
+        }
+        self.write_status(status).await?;
+        Ok(Action::await_change())
+    }
+
+    async fn secret_conflict(self, spec: &ValidSpec) -> Result<Action, Error> {
+        let message = format!(
+            "Secret {} exists and is not owned by this TokenRequest; it is left untouched. Delete it or choose another spec.secret.name",
+            spec.secret.name
+        );
+        let status = self.base_status(spec, false, Reason::SecretConflict, message.clone());
+        if status::status_changed(self.tr.status.as_ref(), &status) {
+            self.publish(EventType::Warning, Reason::SecretConflict.as_str(), message)
+                .await;
+        }
+        self.write_status(status).await?;
+        // The foreign Secret is outside the watched set: look again now and then.
+        Ok(Action::requeue(std::time::Duration::from_secs(60)))
+    }
+
+    fn condition(
+        &self,
+        ready: bool,
+        reason: Reason,
+        message: String,
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        status::ready_condition(
+            self.tr.ready_condition(),
+            ready,
+            reason,
+            message,
+            self.tr.metadata.generation,
+            self.now,
+        )
+    }
+
+    /// The previous status with a new Ready condition and the fields every outcome sets.
+    fn base_status(&self, spec: &ValidSpec, ready: bool, reason: Reason, message: String) -> TokenRequestStatus {
+        TokenRequestStatus {
+            conditions: vec![self.condition(ready, reason, message)],
+            observed_generation: self.tr.metadata.generation,
+            flow: Some(spec.flow.name().into()),
+            secret_name: Some(spec.secret.name.clone()),
+            ..self.status.clone()
+        }
+    }
+
+    fn set_schedule(&self, expires_at: Option<Timestamp>, next: Timestamp) {
+        let object = ObjectLabels {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        };
+        self.ctx
+            .metrics
+            .set_schedule(&object, expires_at.map(|t| t.as_second()), next.as_second());
+    }
+
+    /// Server-side applies the status, unless it is unchanged.
+    async fn write_status(&self, status: TokenRequestStatus) -> Result<(), Error> {
+        if !status::status_changed(self.tr.status.as_ref(), &status) {
+            return Ok(());
+        }
+        let api: Api<TokenRequest> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": "gcptoken.dev/v1alpha1",
+            "kind": "TokenRequest",
+            "status": status,
+        });
+        api.patch_status(
+            &self.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::PatchStatus)?;
+        Ok(())
+    }
+
+    async fn publish(&self, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "ObtainToken".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.ctx.recorder.publish(&event, &self.tr.object_ref(&())).await {
+            warn!(namespace = %self.namespace, name = %self.name, error = %e, "publishing an event failed");
+        }
+    }
+}

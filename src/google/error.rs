@@ -1,0 +1,170 @@
+//! Failures of calls to Google, and how each one is retried and reported.
+
+use std::time::Duration;
+
+use crate::{refresh::ErrorClass, status::Reason};
+
+/// The Google APIs the operator calls; bounded, so usable as a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Api {
+    Sts,
+    IamCredentials,
+    DeveloperConnect,
+    DiscoveryEngine,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sts => "sts",
+            Self::IamCredentials => "iamcredentials",
+            Self::DeveloperConnect => "developerconnect",
+            Self::DiscoveryEngine => "discoveryengine",
+        }
+    }
+}
+
+impl std::fmt::Display for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed call. Messages carry what Google said, never a token: request bodies and response
+/// bodies are not quoted, only the error fields Google documents.
+#[derive(Debug, thiserror::Error)]
+pub enum GoogleError {
+    #[error("{api}: request failed: {source}")]
+    Transport {
+        api: Api,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{api}: HTTP {status} {code}: {message}")]
+    Rejected {
+        api: Api,
+        status: u16,
+        code: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("{api}: unreadable response (HTTP {status}): {detail}")]
+    Malformed { api: Api, status: u16, detail: String },
+    #[error("{api}: the provider refused the token exchange: {code}: {description}")]
+    ExchangeError {
+        api: Api,
+        code: String,
+        description: String,
+    },
+    #[error("{api}: the response held no token")]
+    EmptyToken { api: Api },
+}
+
+/// OAuth error codes Google's libraries treat as retryable.
+const TRANSIENT_OAUTH_CODES: [&str; 3] = ["server_error", "temporarily_unavailable", "internal_failure"];
+
+impl GoogleError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Transport { .. } | Self::Malformed { .. } => ErrorClass::Transient,
+            Self::Rejected { status, code, .. } => {
+                if *status == 408 || *status == 429 || *status >= 500 || TRANSIENT_OAUTH_CODES.contains(&code.as_str())
+                {
+                    ErrorClass::Transient
+                } else {
+                    ErrorClass::Permanent
+                }
+            }
+            Self::ExchangeError { .. } | Self::EmptyToken { .. } => ErrorClass::Permanent,
+        }
+    }
+
+    /// The status condition reason this failure is reported under.
+    pub fn reason(&self) -> Reason {
+        match self {
+            _ if self.class() == ErrorClass::Transient => Reason::UpstreamUnavailable,
+            Self::Rejected { status: 401 | 403, .. } => Reason::PermissionDenied,
+            Self::Rejected { code, .. } if code == "invalid_grant" || code == "unauthorized_client" => {
+                Reason::PermissionDenied
+            }
+            Self::Rejected { status: 404, .. } => Reason::NotFound,
+            Self::Rejected { code, .. } if code == "invalid_target" => Reason::NotFound,
+            _ => Reason::UpstreamRejected,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Rejected { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(status: u16, code: &str) -> GoogleError {
+        GoogleError::Rejected {
+            api: Api::Sts,
+            status,
+            code: code.into(),
+            message: "m".into(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn classification() {
+        for (status, code, class, reason) in [
+            (
+                429,
+                "RESOURCE_EXHAUSTED",
+                ErrorClass::Transient,
+                Reason::UpstreamUnavailable,
+            ),
+            (503, "UNAVAILABLE", ErrorClass::Transient, Reason::UpstreamUnavailable),
+            (408, "", ErrorClass::Transient, Reason::UpstreamUnavailable),
+            (
+                400,
+                "temporarily_unavailable",
+                ErrorClass::Transient,
+                Reason::UpstreamUnavailable,
+            ),
+            (
+                403,
+                "PERMISSION_DENIED",
+                ErrorClass::Permanent,
+                Reason::PermissionDenied,
+            ),
+            (401, "UNAUTHENTICATED", ErrorClass::Permanent, Reason::PermissionDenied),
+            (400, "invalid_grant", ErrorClass::Permanent, Reason::PermissionDenied),
+            (404, "NOT_FOUND", ErrorClass::Permanent, Reason::NotFound),
+            (400, "invalid_target", ErrorClass::Permanent, Reason::NotFound),
+            (400, "invalid_request", ErrorClass::Permanent, Reason::UpstreamRejected),
+        ] {
+            let e = rejected(status, code);
+            assert_eq!((e.class(), e.reason()), (class, reason), "{status} {code}");
+        }
+        let e = GoogleError::ExchangeError {
+            api: Api::DeveloperConnect,
+            code: "invalid_grant".into(),
+            description: "d".into(),
+        };
+        assert_eq!(
+            (e.class(), e.reason()),
+            (ErrorClass::Permanent, Reason::UpstreamRejected)
+        );
+        let e = GoogleError::EmptyToken {
+            api: Api::DiscoveryEngine,
+        };
+        assert_eq!(e.class(), ErrorClass::Permanent);
+        let e = GoogleError::Malformed {
+            api: Api::Sts,
+            status: 200,
+            detail: "d".into(),
+        };
+        assert_eq!(e.class(), ErrorClass::Transient);
+    }
+}

@@ -1,0 +1,26 @@
+//! gcp-token-operator: keeps short-lived Google OAuth access tokens fresh in Kubernetes Secrets.
+//!
+//! The domain lives here (CRD types, validation, refresh policy, Secret rendering, Google calls,
+//! the reconciler); `main.rs` only parses flags and wires things together.
+
+pub mod cli;
+pub mod controller;
+pub mod crd;
+pub mod google;
+pub mod http;
+pub mod metrics;
+pub mod refresh;
+pub mod render;
+pub mod source;
+pub mod status;
+pub mod telemetry;
+pub mod validation;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+/// The CRD as YAML, as `gcp-token-operator crd` prints it and `crds/` holds it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_saphyr::to_string(&crd::TokenRequest::crd()).expect("the CRD serializes")
+}

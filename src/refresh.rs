@@ -1,0 +1,216 @@
+//! When to refresh a token and how long to wait after a failure. Pure functions of time.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use sha2::{Digest, Sha256};
+
+use crate::validation::{RefreshPolicy, RenewBefore};
+
+/// The shortest requeue: a delay is never zero or negative.
+pub const MIN_DELAY: Duration = Duration::from_secs(1);
+/// Upper bound of the per-object jitter; the actual bound is also limited to 5% of the lifetime.
+const MAX_JITTER: Duration = Duration::from_secs(60);
+
+/// How a failed attempt should be retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// May succeed on its own soon: network errors, 408, 429, 5xx, a source that is not ready yet.
+    Transient,
+    /// Needs a change somewhere (permissions, a resource name): retried, but slowly.
+    Permanent,
+}
+
+impl ErrorClass {
+    fn backoff_base(self) -> Duration {
+        match self {
+            Self::Transient => Duration::from_secs(1),
+            Self::Permanent => Duration::from_secs(30),
+        }
+    }
+
+    fn backoff_cap(self) -> Duration {
+        match self {
+            Self::Transient => Duration::from_secs(5 * 60),
+            Self::Permanent => Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// When a token issued at `issued_at` and expiring at `expires_at` should be refreshed:
+/// `expires_at - renewBefore - jitter`, never before `issued_at`. The jitter is deterministic per
+/// `object_key` so that a restart computes the same point and objects created together spread out.
+pub fn refresh_point(
+    issued_at: Timestamp,
+    expires_at: Timestamp,
+    policy: &RefreshPolicy,
+    object_key: &str,
+) -> Timestamp {
+    let lifetime = expires_at.duration_since(issued_at).max(SignedDuration::ZERO);
+    let lifetime = Duration::try_from(lifetime).unwrap_or_default();
+    let renew_before = match policy.renew_before {
+        RenewBefore::Percentage(pct) => lifetime.mul_f64(f64::from(pct) / 100.0),
+        RenewBefore::Absolute(d) => d,
+    };
+    let jitter_bound = (lifetime / 20).min(MAX_JITTER);
+    let jitter = jitter_bound.mul_f64(unit_hash(object_key));
+    let before = (renew_before + jitter).min(lifetime);
+    expires_at.checked_sub(before).unwrap_or(issued_at).max(issued_at)
+}
+
+/// The expiry to assume when the API returned none.
+pub fn assumed_expiry(issued_at: Timestamp, policy: &RefreshPolicy) -> Timestamp {
+    issued_at.checked_add(policy.lifetime_when_unknown).unwrap_or(issued_at)
+}
+
+/// The delay until `at`, never below `MIN_DELAY`.
+pub fn delay_until(now: Timestamp, at: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now))
+        .unwrap_or_default()
+        .max(MIN_DELAY)
+}
+
+/// Delay before retry number `attempt` (1 = first retry after the first failure): exponential
+/// backoff with ±20% jitter (`random` in [0, 1)); while a still-valid token is held (`valid_until`),
+/// short enough that several attempts fit before expiry; and never shorter than `Retry-After`.
+pub fn retry_delay(
+    attempt: u32,
+    class: ErrorClass,
+    retry_after: Option<Duration>,
+    now: Timestamp,
+    valid_until: Option<Timestamp>,
+    random: f64,
+) -> Duration {
+    let exp = class
+        .backoff_base()
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let backoff = exp.min(class.backoff_cap()).mul_f64(0.8 + 0.4 * random.clamp(0.0, 1.0));
+    let mut delay = backoff;
+    if let Some(until) = valid_until {
+        let remaining = Duration::try_from(until.duration_since(now)).unwrap_or_default();
+        if remaining > Duration::ZERO {
+            delay = delay.min(remaining / 2);
+        }
+    }
+    // The server's Retry-After wins even near expiry: calling earlier only earns another refusal.
+    delay.max(retry_after.unwrap_or_default()).max(MIN_DELAY)
+}
+
+/// A number in [0, 1) derived from `key`, stable across processes.
+fn unit_hash(key: &str) -> f64 {
+    let digest = Sha256::digest(key.as_bytes());
+    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    (n >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn pct(p: u8) -> RefreshPolicy {
+        RefreshPolicy {
+            renew_before: RenewBefore::Percentage(p),
+            lifetime_when_unknown: Duration::from_secs(900),
+        }
+    }
+
+    #[test]
+    fn percentage_of_the_returned_lifetime() {
+        // 1h token, 33% before expiry = 1188 s, jitter at most 5% of the lifetime capped at 60 s.
+        let at = refresh_point(ts(0), ts(3600), &pct(33), "ns/a");
+        let before = ts(3600).duration_since(at).as_secs();
+        assert!(
+            (1188..=1188 + 60).contains(&before),
+            "refreshes {before}s before expiry"
+        );
+    }
+
+    #[test]
+    fn absolute_renew_before() {
+        let policy = RefreshPolicy {
+            renew_before: RenewBefore::Absolute(Duration::from_secs(600)),
+            ..pct(33)
+        };
+        let at = refresh_point(ts(0), ts(3600), &policy, "ns/a");
+        let before = ts(3600).duration_since(at).as_secs();
+        assert!((600..=660).contains(&before), "{before}");
+    }
+
+    #[test]
+    fn jitter_is_deterministic_and_spreads_objects() {
+        let a1 = refresh_point(ts(0), ts(3600), &pct(33), "ns/a");
+        let a2 = refresh_point(ts(0), ts(3600), &pct(33), "ns/a");
+        assert_eq!(a1, a2);
+        let points: std::collections::BTreeSet<_> = (0..50)
+            .map(|i| refresh_point(ts(0), ts(3600), &pct(33), &format!("ns/tr-{i}")))
+            .collect();
+        assert!(
+            points.len() > 40,
+            "only {} distinct refresh points for 50 objects",
+            points.len()
+        );
+    }
+
+    #[test]
+    fn renew_before_longer_than_lifetime_refreshes_at_issue_time_not_before() {
+        let policy = RefreshPolicy {
+            renew_before: RenewBefore::Absolute(Duration::from_secs(7200)),
+            ..pct(33)
+        };
+        assert_eq!(refresh_point(ts(0), ts(3600), &policy, "k"), ts(0));
+        // An expiry before the issue time (clock skew) cannot move the refresh point backwards.
+        assert_eq!(refresh_point(ts(10), ts(0), &pct(33), "k"), ts(10));
+    }
+
+    #[test]
+    fn short_tokens_keep_short_jitter() {
+        let at = refresh_point(ts(0), ts(20), &pct(33), "k");
+        let before = ts(20).duration_since(at).as_secs_f64();
+        assert!((6.6..=7.6).contains(&before), "{before}");
+    }
+
+    #[test]
+    fn delay_is_never_zero() {
+        assert_eq!(delay_until(ts(10), ts(0)), MIN_DELAY);
+        assert_eq!(delay_until(ts(0), ts(0)), MIN_DELAY);
+        assert_eq!(delay_until(ts(0), ts(30)), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let d = |attempt, class| retry_delay(attempt, class, None, ts(0), None, 0.5);
+        assert_eq!(d(1, ErrorClass::Transient), Duration::from_secs(1));
+        assert_eq!(d(4, ErrorClass::Transient), Duration::from_secs(8));
+        assert_eq!(d(30, ErrorClass::Transient), Duration::from_secs(300));
+        assert_eq!(d(1, ErrorClass::Permanent), Duration::from_secs(30));
+        assert_eq!(d(30, ErrorClass::Permanent), Duration::from_secs(1800));
+        let low = retry_delay(4, ErrorClass::Transient, None, ts(0), None, 0.0);
+        let high = retry_delay(4, ErrorClass::Transient, None, ts(0), None, 0.999);
+        assert!(low < high && low >= Duration::from_millis(6400) && high <= Duration::from_millis(9600));
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_and_expiry_a_ceiling() {
+        let d = retry_delay(1, ErrorClass::Transient, Some(Duration::from_secs(7)), ts(0), None, 0.5);
+        assert_eq!(d, Duration::from_secs(7));
+        // A permanent error with a token valid for 40 more seconds retries within 20 s.
+        let d = retry_delay(1, ErrorClass::Permanent, None, ts(0), Some(ts(40)), 0.5);
+        assert_eq!(d, Duration::from_secs(20));
+        let d = retry_delay(
+            1,
+            ErrorClass::Transient,
+            Some(Duration::from_secs(7)),
+            ts(0),
+            Some(ts(4)),
+            0.5,
+        );
+        assert_eq!(d, Duration::from_secs(7));
+        // Already expired: the ceiling no longer applies, the floor still does.
+        let d = retry_delay(1, ErrorClass::Transient, None, ts(50), Some(ts(40)), 0.0);
+        assert_eq!(d, Duration::from_millis(800).max(MIN_DELAY));
+    }
+}

@@ -1,0 +1,812 @@
+//! Turns a `TokenRequestSpec` into a `ValidSpec`: every constraint checked, every default applied.
+//! Pure: no I/O, so an invalid spec is reported without calling Google or the apiserver.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{AccessBoundary, RefreshSpec, SecretSpec, SecretType, SourceSpec, SubjectTokenType, TokenRequestSpec};
+
+pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+const DEFAULT_RENEW_BEFORE_PERCENTAGE: u8 = 33;
+const DEFAULT_LIFETIME_WHEN_UNKNOWN: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_IMPERSONATION_LIFETIME: Duration = Duration::from_secs(3600);
+const MAX_IMPERSONATION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+const DEFAULT_SA_TOKEN_EXPIRATION: i64 = 3600;
+const DEFAULT_TOKEN_KEY: &str = "token";
+/// Keys the operator writes next to the token in an Opaque Secret.
+pub const EXPIRES_AT_KEY: &str = "expires_at";
+pub const TOKEN_TYPE_KEY: &str = "token_type";
+
+/// A spec that passed validation, with defaults applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidSpec {
+    pub flow: Flow,
+    pub source: Source,
+    pub secret: SecretLayout,
+    pub refresh: RefreshPolicy,
+    /// Hash of what determines the token (flow and source): a Secret written under another hash
+    /// holds a token the current spec did not produce.
+    pub token_hash: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Flow {
+    Sts(StsParams),
+    Impersonation(ImpersonationParams),
+    DeveloperConnect {
+        account_connector: String,
+    },
+    DiscoveryEngine {
+        data_connector: String,
+        scope: Option<String>,
+        action: Option<String>,
+    },
+}
+
+impl Flow {
+    /// The name of the flow as users write it in the spec; bounded, so usable as a metric label.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sts(_) => "sts",
+            Self::Impersonation(_) => "impersonation",
+            Self::DeveloperConnect { .. } => "developerConnect",
+            Self::DiscoveryEngine { .. } => "discoveryEngine",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StsParams {
+    pub audience: String,
+    pub scopes: Vec<String>,
+    pub subject_token_type: SubjectTokenType,
+    /// The `options` request field: serialized JSON, as STS wants it.
+    pub options: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ImpersonationParams {
+    pub service_account: String,
+    /// In the documented `projects/-/serviceAccounts/EMAIL` form.
+    pub delegates: Vec<String>,
+    pub scopes: Vec<String>,
+    pub lifetime: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Source {
+    ServiceAccountToken {
+        service_account_name: String,
+        audience: String,
+        expiration_seconds: i64,
+    },
+    Secret {
+        name: String,
+        key: String,
+    },
+    TokenRequest {
+        name: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecretLayout {
+    pub name: String,
+    pub type_: SecretType,
+    pub registries: Vec<String>,
+    pub token_key: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RenewBefore {
+    Percentage(u8),
+    Absolute(Duration),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RefreshPolicy {
+    pub renew_before: RenewBefore,
+    pub lifetime_when_unknown: Duration,
+}
+
+/// Every problem found in a spec, so a user fixes them in one round.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{}", .problems.join("; "))]
+pub struct InvalidSpec {
+    pub problems: Vec<String>,
+}
+
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check(&mut self, ok: bool, problem: impl FnOnce() -> String) {
+        if !ok {
+            self.0.push(problem());
+        }
+    }
+}
+
+/// Validates `spec` of the TokenRequest named `own_name`.
+pub fn validate(spec: &TokenRequestSpec, own_name: &str) -> Result<ValidSpec, InvalidSpec> {
+    let mut p = Problems::default();
+    let flow = validate_flow(spec, &mut p);
+    let source = validate_source(&spec.source, flow.as_ref(), own_name, &mut p);
+    let secret = validate_secret(&spec.secret, own_name, &mut p);
+    let refresh = validate_refresh(&spec.refresh, &mut p);
+    match (flow, source) {
+        (Some(flow), Some(source)) if p.0.is_empty() => {
+            let token_hash = hash_of(&(&flow, &source));
+            Ok(ValidSpec {
+                flow,
+                source,
+                secret,
+                refresh,
+                token_hash,
+            })
+        }
+        _ => Err(InvalidSpec { problems: p.0 }),
+    }
+}
+
+fn hash_of(value: &impl Serialize) -> String {
+    let json = serde_json::to_vec(value).expect("spec types serialize");
+    hex::encode(&Sha256::digest(json)[..8])
+}
+
+fn validate_flow(spec: &TokenRequestSpec, p: &mut Problems) -> Option<Flow> {
+    let f = &spec.flow;
+    let set = [
+        f.sts.is_some(),
+        f.impersonation.is_some(),
+        f.developer_connect.is_some(),
+        f.discovery_engine.is_some(),
+    ];
+    if set.iter().filter(|s| **s).count() != 1 {
+        p.0.push("spec.flow: exactly one of sts, impersonation, developerConnect, discoveryEngine must be set".into());
+        return None;
+    }
+    if let Some(sts) = &f.sts {
+        p.check(is_sts_audience(&sts.audience), || {
+            format!(
+                "spec.flow.sts.audience {:?} is not a workload or workforce identity pool provider \
+                 (//iam.googleapis.com/projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER)",
+                sts.audience
+            )
+        });
+        validate_scopes(&sts.scopes, "spec.flow.sts.scopes", p);
+        if let Some(project) = &sts.user_project {
+            p.check(!project.is_empty() && project.len() <= 32, || {
+                "spec.flow.sts.userProject must be 1 to 32 characters".into()
+            });
+        }
+        if let Some(boundary) = &sts.access_boundary {
+            validate_access_boundary(boundary, p);
+        }
+        let options = sts_options(sts.access_boundary.as_ref(), sts.user_project.as_deref());
+        let scopes = if sts.scopes.is_empty() {
+            vec![CLOUD_PLATFORM_SCOPE.to_string()]
+        } else {
+            sts.scopes.clone()
+        };
+        return Some(Flow::Sts(StsParams {
+            audience: sts.audience.clone(),
+            scopes,
+            subject_token_type: sts.subject_token_type.unwrap_or_default(),
+            options,
+        }));
+    }
+    if let Some(imp) = &f.impersonation {
+        p.check(is_service_account(&imp.service_account), || {
+            format!(
+                "spec.flow.impersonation.serviceAccount {:?} is neither a service account email nor a numeric unique id",
+                imp.service_account
+            )
+        });
+        for d in &imp.delegates {
+            p.check(is_service_account(d), || {
+                format!("spec.flow.impersonation.delegates: {d:?} is not a service account email or unique id")
+            });
+        }
+        p.check(!imp.scopes.is_empty(), || {
+            "spec.flow.impersonation.scopes must name at least one scope".into()
+        });
+        validate_scopes(&imp.scopes, "spec.flow.impersonation.scopes", p);
+        let lifetime = match &imp.lifetime {
+            None => DEFAULT_IMPERSONATION_LIFETIME,
+            Some(text) => parse_duration(text, "spec.flow.impersonation.lifetime", p).unwrap_or_default(),
+        };
+        if imp.lifetime.is_some() && lifetime != Duration::ZERO {
+            p.check(lifetime <= MAX_IMPERSONATION_LIFETIME, || {
+                "spec.flow.impersonation.lifetime must be at most 12h".into()
+            });
+        }
+        return Some(Flow::Impersonation(ImpersonationParams {
+            service_account: imp.service_account.clone(),
+            delegates: imp
+                .delegates
+                .iter()
+                .map(|d| format!("projects/-/serviceAccounts/{d}"))
+                .collect(),
+            scopes: imp.scopes.clone(),
+            lifetime,
+        }));
+    }
+    if let Some(dc) = &f.developer_connect {
+        p.check(
+            is_resource_name(&dc.account_connector, &["projects", "locations", "accountConnectors"], None),
+            || {
+                format!(
+                    "spec.flow.developerConnect.accountConnector {:?} is not projects/P/locations/L/accountConnectors/C",
+                    dc.account_connector
+                )
+            },
+        );
+        return Some(Flow::DeveloperConnect {
+            account_connector: dc.account_connector.clone(),
+        });
+    }
+    let de = f.discovery_engine.as_ref()?;
+    p.check(
+        is_resource_name(&de.data_connector, &["projects", "locations", "collections"], Some("dataConnector")),
+        || {
+            format!(
+                "spec.flow.discoveryEngine.dataConnector {:?} is not projects/P/locations/L/collections/C/dataConnector",
+                de.data_connector
+            )
+        },
+    );
+    Some(Flow::DiscoveryEngine {
+        data_connector: de.data_connector.clone(),
+        scope: de.scope.clone(),
+        action: de.action.clone(),
+    })
+}
+
+fn validate_source(spec: &SourceSpec, flow: Option<&Flow>, own_name: &str, p: &mut Problems) -> Option<Source> {
+    let set = [
+        spec.service_account_token.is_some(),
+        spec.secret.is_some(),
+        spec.token_request.is_some(),
+    ];
+    if set.iter().filter(|s| **s).count() != 1 {
+        p.0.push("spec.source: exactly one of serviceAccountToken, secret, tokenRequest must be set".into());
+        return None;
+    }
+    if let Some(sat) = &spec.service_account_token {
+        let Some(Flow::Sts(sts)) = flow else {
+            p.0.push("spec.source.serviceAccountToken is only valid as the subject token of the sts flow".into());
+            return None;
+        };
+        check_name(
+            &sat.service_account_name,
+            "spec.source.serviceAccountToken.serviceAccountName",
+            p,
+        );
+        let expiration_seconds = sat.expiration_seconds.unwrap_or(DEFAULT_SA_TOKEN_EXPIRATION);
+        p.check((600..172_800).contains(&expiration_seconds), || {
+            "spec.source.serviceAccountToken.expirationSeconds must be at least 600 and below 172800 (48h)".into()
+        });
+        return Some(Source::ServiceAccountToken {
+            service_account_name: sat.service_account_name.clone(),
+            audience: sat.audience.clone().unwrap_or_else(|| sts.audience.clone()),
+            expiration_seconds,
+        });
+    }
+    if let Some(secret) = &spec.secret {
+        check_name(&secret.name, "spec.source.secret.name", p);
+        p.check(is_secret_key(&secret.key), || {
+            format!("spec.source.secret.key {:?} is not a valid Secret key", secret.key)
+        });
+        return Some(Source::Secret {
+            name: secret.name.clone(),
+            key: secret.key.clone(),
+        });
+    }
+    let tr = spec.token_request.as_ref()?;
+    check_name(&tr.name, "spec.source.tokenRequest.name", p);
+    p.check(tr.name != own_name, || {
+        "spec.source.tokenRequest.name must not name this TokenRequest".into()
+    });
+    Some(Source::TokenRequest { name: tr.name.clone() })
+}
+
+fn validate_secret(spec: &SecretSpec, own_name: &str, p: &mut Problems) -> SecretLayout {
+    let name = spec.name.clone().unwrap_or_else(|| own_name.to_string());
+    check_name(&name, "spec.secret.name", p);
+    let type_ = spec.type_.unwrap_or_default();
+    let token_key = spec.token_key.clone().unwrap_or_else(|| DEFAULT_TOKEN_KEY.to_string());
+    match type_ {
+        SecretType::Opaque => {
+            p.check(spec.registries.is_empty(), || {
+                "spec.secret.registries is only valid with type kubernetes.io/dockerconfigjson".into()
+            });
+            p.check(is_secret_key(&token_key), || {
+                format!("spec.secret.tokenKey {token_key:?} is not a valid Secret key")
+            });
+            p.check(token_key != EXPIRES_AT_KEY && token_key != TOKEN_TYPE_KEY, || {
+                format!("spec.secret.tokenKey must not be {EXPIRES_AT_KEY:?} or {TOKEN_TYPE_KEY:?}, which the operator writes")
+            });
+        }
+        SecretType::DockerConfigJson => {
+            p.check(spec.token_key.is_none(), || {
+                "spec.secret.tokenKey is only valid with type Opaque".into()
+            });
+            p.check(!spec.registries.is_empty(), || {
+                "spec.secret.registries must name at least one registry host for type kubernetes.io/dockerconfigjson"
+                    .into()
+            });
+            for host in &spec.registries {
+                p.check(is_registry_host(host), || {
+                    format!("spec.secret.registries: {host:?} is not a registry host (e.g. us-docker.pkg.dev)")
+                });
+            }
+        }
+    }
+    for key in spec.labels.keys().chain(spec.annotations.keys()) {
+        p.check(!crate::render::is_reserved_metadata_key(key), || {
+            format!("spec.secret: the label or annotation {key:?} is reserved for the operator")
+        });
+        p.check(is_qualified_name(key), || {
+            format!("spec.secret: {key:?} is not a valid label or annotation key")
+        });
+    }
+    for (key, value) in &spec.labels {
+        p.check(is_label_value(value), || {
+            format!("spec.secret.labels[{key:?}]: {value:?} is not a valid label value")
+        });
+    }
+    SecretLayout {
+        name,
+        type_,
+        registries: spec.registries.clone(),
+        token_key,
+        labels: spec.labels.clone(),
+        annotations: spec.annotations.clone(),
+    }
+}
+
+fn validate_refresh(spec: &RefreshSpec, p: &mut Problems) -> RefreshPolicy {
+    let renew_before = match (spec.renew_before_percentage, &spec.renew_before) {
+        (Some(_), Some(_)) => {
+            p.0.push("spec.refresh: set renewBeforePercentage or renewBefore, not both".into());
+            RenewBefore::Percentage(DEFAULT_RENEW_BEFORE_PERCENTAGE)
+        }
+        (_, Some(text)) => {
+            let d = parse_duration(text, "spec.refresh.renewBefore", p).unwrap_or_default();
+            RenewBefore::Absolute(d)
+        }
+        (Some(pct), None) => {
+            p.check((1..=90).contains(&pct), || {
+                "spec.refresh.renewBeforePercentage must be between 1 and 90".into()
+            });
+            RenewBefore::Percentage(pct)
+        }
+        (None, None) => RenewBefore::Percentage(DEFAULT_RENEW_BEFORE_PERCENTAGE),
+    };
+    let lifetime_when_unknown = match &spec.lifetime_when_unknown {
+        Some(text) => {
+            parse_duration(text, "spec.refresh.lifetimeWhenUnknown", p).unwrap_or(DEFAULT_LIFETIME_WHEN_UNKNOWN)
+        }
+        None => DEFAULT_LIFETIME_WHEN_UNKNOWN,
+    };
+    RefreshPolicy {
+        renew_before,
+        lifetime_when_unknown,
+    }
+}
+
+fn validate_access_boundary(boundary: &AccessBoundary, p: &mut Problems) {
+    let rules = &boundary.access_boundary_rules;
+    p.check((1..=10).contains(&rules.len()), || {
+        "spec.flow.sts.accessBoundary.accessBoundaryRules must hold 1 to 10 rules".into()
+    });
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("spec.flow.sts.accessBoundary.accessBoundaryRules[{i}]");
+        p.check(rule.available_resource.starts_with("//"), || {
+            format!("{at}.availableResource must be a full resource name starting with //")
+        });
+        p.check(!rule.available_permissions.is_empty(), || {
+            format!("{at}.availablePermissions must not be empty")
+        });
+        for perm in &rule.available_permissions {
+            p.check(perm.starts_with("inRole:") && perm.len() > "inRole:".len(), || {
+                format!("{at}.availablePermissions: {perm:?} must have the form inRole:ROLE")
+            });
+        }
+        if let Some(cond) = &rule.availability_condition {
+            p.check(!cond.expression.is_empty() && cond.expression.len() <= 2048, || {
+                format!("{at}.availabilityCondition.expression must be 1 to 2048 characters")
+            });
+        }
+    }
+}
+
+/// The STS `options` field: a JSON string, sent only when there is something in it.
+fn sts_options(boundary: Option<&AccessBoundary>, user_project: Option<&str>) -> Option<String> {
+    if boundary.is_none() && user_project.is_none() {
+        return None;
+    }
+    let mut options = serde_json::Map::new();
+    if let Some(b) = boundary {
+        options.insert("accessBoundary".into(), serde_json::to_value(b).expect("serializable"));
+    }
+    if let Some(project) = user_project {
+        options.insert("userProject".into(), project.into());
+    }
+    Some(serde_json::Value::Object(options).to_string())
+}
+
+fn validate_scopes(scopes: &[String], at: &str, p: &mut Problems) {
+    for s in scopes {
+        p.check(!s.is_empty() && !s.contains(char::is_whitespace), || {
+            format!("{at}: {s:?} is not a single OAuth scope")
+        });
+    }
+}
+
+fn parse_duration(text: &str, at: &str, p: &mut Problems) -> Option<Duration> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d >= Duration::from_secs(1) => Some(d),
+        Ok(_) => {
+            p.0.push(format!("{at} must be at least 1s"));
+            None
+        }
+        Err(_) => {
+            p.0.push(format!("{at}: {text:?} is not a duration such as 90s, 10m or 1h"));
+            None
+        }
+    }
+}
+
+fn check_name(name: &str, at: &str, p: &mut Problems) {
+    p.check(is_dns_subdomain(name), || {
+        format!("{at}: {name:?} is not a valid object name (lowercase letters, digits, '-' and '.', at most 253)")
+    });
+}
+
+fn is_sts_audience(audience: &str) -> bool {
+    let Some(rest) = audience.strip_prefix("//iam.googleapis.com/") else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let filled = |i: usize| parts.get(i).is_some_and(|s| !s.is_empty());
+    match parts.as_slice() {
+        [
+            "projects",
+            number,
+            "locations",
+            _,
+            "workloadIdentityPools",
+            _,
+            "providers",
+            _,
+        ] => !number.is_empty() && number.chars().all(|c| c.is_ascii_digit()) && (3..8).all(filled),
+        ["locations", _, "workforcePools", _, "providers", _] => (1..6).all(filled),
+        _ => false,
+    }
+}
+
+fn is_service_account(account: &str) -> bool {
+    let is_id = !account.is_empty() && account.len() <= 32 && account.chars().all(|c| c.is_ascii_digit());
+    let is_email = account
+        .split_once('@')
+        .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !account.contains(['/', ' ', ':']));
+    is_id || is_email
+}
+
+/// `collections/ID/.../last` with the given collection names, each ID non-empty and without `/`.
+fn is_resource_name(name: &str, collections: &[&str], singleton: Option<&str>) -> bool {
+    let parts: Vec<&str> = name.split('/').collect();
+    let expected = collections.len() * 2 + usize::from(singleton.is_some());
+    if parts.len() != expected {
+        return false;
+    }
+    let pairs_ok = collections
+        .iter()
+        .enumerate()
+        .all(|(i, c)| parts[2 * i] == *c && is_resource_id(parts[2 * i + 1]));
+    pairs_ok && singleton.is_none_or(|s| parts[expected - 1] == s)
+}
+
+fn is_resource_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+pub fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn is_secret_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+}
+
+fn is_registry_host(host: &str) -> bool {
+    let (name, port) = host.split_once(':').unwrap_or((host, "1"));
+    port.parse::<u16>().is_ok() && is_dns_subdomain(&name.to_ascii_lowercase())
+}
+
+fn is_label_value(value: &str) -> bool {
+    value.is_empty() || (value.len() <= 63 && is_qualified_name_part(value))
+}
+
+fn is_qualified_name(key: &str) -> bool {
+    match key.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && name.len() <= 63 && is_qualified_name_part(name),
+        None => key.len() <= 63 && is_qualified_name_part(key),
+    }
+}
+
+fn is_qualified_name_part(s: &str) -> bool {
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    edge_ok(s.chars().next())
+        && edge_ok(s.chars().last())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{FlowSpec, ImpersonationFlow, SecretKeySource, ServiceAccountTokenSource, StsFlow};
+
+    const AUDIENCE: &str =
+        "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/pool/providers/prov";
+
+    fn sts_spec() -> TokenRequestSpec {
+        TokenRequestSpec {
+            flow: FlowSpec {
+                sts: Some(StsFlow {
+                    audience: AUDIENCE.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            source: SourceSpec {
+                service_account_token: Some(ServiceAccountTokenSource {
+                    service_account_name: "app".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            secret: Default::default(),
+            refresh: Default::default(),
+        }
+    }
+
+    fn problems(spec: &TokenRequestSpec) -> Vec<String> {
+        validate(spec, "tr").expect_err("spec should be invalid").problems
+    }
+
+    #[test]
+    fn sts_defaults() {
+        let v = validate(&sts_spec(), "tr").unwrap();
+        let Flow::Sts(sts) = &v.flow else {
+            panic!("sts expected")
+        };
+        assert_eq!(sts.scopes, vec![CLOUD_PLATFORM_SCOPE]);
+        assert_eq!(sts.subject_token_type, SubjectTokenType::Jwt);
+        assert_eq!(sts.options, None);
+        assert_eq!(
+            v.source,
+            Source::ServiceAccountToken {
+                service_account_name: "app".into(),
+                audience: AUDIENCE.into(),
+                expiration_seconds: 3600
+            }
+        );
+        assert_eq!(v.secret.name, "tr");
+        assert_eq!(v.secret.token_key, "token");
+        assert_eq!(v.refresh.renew_before, RenewBefore::Percentage(33));
+        assert_eq!(v.refresh.lifetime_when_unknown, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn two_flows_and_no_source_are_both_reported() {
+        let mut spec = sts_spec();
+        spec.flow.developer_connect = Some(crate::crd::DeveloperConnectFlow {
+            account_connector: "projects/p/locations/l/accountConnectors/c".into(),
+        });
+        spec.source = SourceSpec::default();
+        let p = problems(&spec);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("exactly one of sts"));
+        assert!(p[1].contains("exactly one of serviceAccountToken"));
+    }
+
+    #[test]
+    fn service_account_token_only_feeds_sts() {
+        let mut spec = sts_spec();
+        spec.flow = FlowSpec {
+            impersonation: Some(ImpersonationFlow {
+                service_account: "sa@p.iam.gserviceaccount.com".into(),
+                scopes: vec![CLOUD_PLATFORM_SCOPE.into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(problems(&spec)[0].contains("only valid as the subject token of the sts flow"));
+    }
+
+    #[test]
+    fn audience_and_names_are_checked() {
+        let mut spec = sts_spec();
+        spec.flow.sts.as_mut().unwrap().audience = "//iam.googleapis.com/projects/abc/locations/global".into();
+        spec.source.service_account_token.as_mut().unwrap().service_account_name = "Not_Valid".into();
+        spec.source.service_account_token.as_mut().unwrap().expiration_seconds = Some(60);
+        let p = problems(&spec);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p.iter().any(|m| m.contains("audience")));
+        assert!(p.iter().any(|m| m.contains("serviceAccountName")));
+        assert!(p.iter().any(|m| m.contains("expirationSeconds")));
+    }
+
+    #[test]
+    fn workforce_audience_is_accepted() {
+        let mut spec = sts_spec();
+        spec.flow.sts.as_mut().unwrap().audience =
+            "//iam.googleapis.com/locations/global/workforcePools/wf/providers/p".into();
+        assert!(validate(&spec, "tr").is_ok());
+    }
+
+    #[test]
+    fn impersonation_lifetime_and_delegates() {
+        let mut spec = sts_spec();
+        spec.source = SourceSpec {
+            secret: Some(SecretKeySource {
+                name: "caller".into(),
+                key: "token".into(),
+            }),
+            ..Default::default()
+        };
+        spec.flow = FlowSpec {
+            impersonation: Some(ImpersonationFlow {
+                service_account: "sa@p.iam.gserviceaccount.com".into(),
+                delegates: vec!["d@p.iam.gserviceaccount.com".into()],
+                scopes: vec![CLOUD_PLATFORM_SCOPE.into()],
+                lifetime: Some("30m".into()),
+            }),
+            ..Default::default()
+        };
+        let v = validate(&spec, "tr").unwrap();
+        let Flow::Impersonation(imp) = v.flow else { panic!() };
+        assert_eq!(imp.lifetime, Duration::from_secs(1800));
+        assert_eq!(
+            imp.delegates,
+            vec!["projects/-/serviceAccounts/d@p.iam.gserviceaccount.com"]
+        );
+
+        spec.flow.impersonation.as_mut().unwrap().lifetime = Some("13h".into());
+        assert!(problems(&spec)[0].contains("at most 12h"));
+        spec.flow.impersonation.as_mut().unwrap().lifetime = Some("soon".into());
+        assert!(problems(&spec)[0].contains("is not a duration"));
+        spec.flow.impersonation.as_mut().unwrap().lifetime = None;
+        spec.flow.impersonation.as_mut().unwrap().scopes.clear();
+        assert!(problems(&spec)[0].contains("at least one scope"));
+    }
+
+    #[test]
+    fn resource_names() {
+        let connectors = ["projects", "locations", "accountConnectors"];
+        assert!(is_resource_name(
+            "projects/p/locations/us-central1/accountConnectors/c",
+            &connectors,
+            None
+        ));
+        assert!(!is_resource_name(
+            "projects/p/locations/l/accountConnectors/",
+            &connectors,
+            None
+        ));
+        assert!(!is_resource_name(
+            "projects/p/locations/l/accountConnectors/c/x",
+            &connectors,
+            None
+        ));
+        let data = ["projects", "locations", "collections"];
+        assert!(is_resource_name(
+            "projects/p/locations/global/collections/c/dataConnector",
+            &data,
+            Some("dataConnector")
+        ));
+        assert!(!is_resource_name(
+            "projects/p/locations/global/collections/c/other",
+            &data,
+            Some("dataConnector")
+        ));
+    }
+
+    #[test]
+    fn secret_layout_rules() {
+        let mut spec = sts_spec();
+        spec.secret.type_ = Some(SecretType::DockerConfigJson);
+        assert!(problems(&spec)[0].contains("at least one registry"));
+        spec.secret.registries = vec!["us-docker.pkg.dev".into(), "localhost:5000".into()];
+        assert!(validate(&spec, "tr").is_ok());
+        spec.secret.token_key = Some("tok".into());
+        assert!(problems(&spec)[0].contains("only valid with type Opaque"));
+
+        let mut spec = sts_spec();
+        spec.secret.token_key = Some(EXPIRES_AT_KEY.into());
+        spec.secret
+            .labels
+            .insert("app.kubernetes.io/managed-by".into(), "me".into());
+        spec.secret.annotations.insert("bad key!".into(), "x".into());
+        let p = problems(&spec);
+        assert_eq!(p.len(), 3, "{p:?}");
+    }
+
+    #[test]
+    fn refresh_rules() {
+        let mut spec = sts_spec();
+        spec.refresh.renew_before = Some("10m".into());
+        let v = validate(&spec, "tr").unwrap();
+        assert_eq!(v.refresh.renew_before, RenewBefore::Absolute(Duration::from_secs(600)));
+        spec.refresh.renew_before_percentage = Some(20);
+        assert!(problems(&spec)[0].contains("not both"));
+        spec.refresh.renew_before = None;
+        spec.refresh.renew_before_percentage = Some(95);
+        assert!(problems(&spec)[0].contains("between 1 and 90"));
+    }
+
+    #[test]
+    fn options_carry_access_boundary_and_user_project() {
+        let mut spec = sts_spec();
+        let sts = spec.flow.sts.as_mut().unwrap();
+        sts.user_project = Some("proj".into());
+        sts.access_boundary = Some(AccessBoundary {
+            access_boundary_rules: vec![crate::crd::AccessBoundaryRule {
+                available_resource: "//storage.googleapis.com/projects/_/buckets/b".into(),
+                available_permissions: vec!["inRole:roles/storage.objectViewer".into()],
+                availability_condition: None,
+            }],
+        });
+        let v = validate(&spec, "tr").unwrap();
+        let Flow::Sts(sts) = v.flow else { panic!() };
+        let options: serde_json::Value = serde_json::from_str(sts.options.as_deref().unwrap()).unwrap();
+        assert_eq!(options["userProject"], "proj");
+        assert_eq!(
+            options["accessBoundary"]["accessBoundaryRules"][0]["availablePermissions"][0],
+            "inRole:roles/storage.objectViewer"
+        );
+
+        spec.flow
+            .sts
+            .as_mut()
+            .unwrap()
+            .access_boundary
+            .as_mut()
+            .unwrap()
+            .access_boundary_rules[0]
+            .available_permissions = vec!["roles/storage.objectViewer".into()];
+        assert!(problems(&spec)[0].contains("inRole:ROLE"));
+    }
+
+    #[test]
+    fn token_hash_follows_flow_and_source_only() {
+        let a = validate(&sts_spec(), "tr").unwrap();
+        let mut spec = sts_spec();
+        spec.secret.labels.insert("team".into(), "a".into());
+        let b = validate(&spec, "tr").unwrap();
+        assert_eq!(a.token_hash, b.token_hash);
+        spec.flow.sts.as_mut().unwrap().scopes = vec!["https://www.googleapis.com/auth/devstorage.read_only".into()];
+        let c = validate(&spec, "tr").unwrap();
+        assert_ne!(a.token_hash, c.token_hash);
+    }
+}
