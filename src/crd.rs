@@ -74,8 +74,10 @@ pub struct StsFlow {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
     /// The type of the subject token. Default: `urn:ietf:params:oauth:token-type:jwt`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject_token_type: Option<SubjectTokenType>,
+    // Not an Option: a nullable enum puts `null` among the enum values, which Kubernetes 1.20
+    // rejects in a CRD.
+    #[serde(default)]
+    pub subject_token_type: SubjectTokenType,
     /// A Credential Access Boundary that downscopes the issued token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_boundary: Option<AccessBoundary>,
@@ -235,8 +237,9 @@ pub struct SecretSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// `Opaque` (default) or `kubernetes.io/dockerconfigjson`.
-    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
-    pub type_: Option<SecretType>,
+    // Not an Option, for the reason given at `subjectTokenType`.
+    #[serde(default, rename = "type")]
+    pub type_: SecretType,
     /// dockerconfigjson only: one `auths` entry per registry host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub registries: Vec<String>,

@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn dockerconfigjson_secret() {
         let layout = SecretSpec {
-            type_: Some(SecretType::DockerConfigJson),
+            type_: SecretType::DockerConfigJson,
             registries: vec!["us-docker.pkg.dev".into(), "europe-docker.pkg.dev".into()],
             ..Default::default()
         };

@@ -196,7 +196,7 @@ fn validate_flow(spec: &TokenRequestSpec, p: &mut Problems) -> Option<Flow> {
         return Some(Flow::Sts(StsParams {
             audience: sts.audience.clone(),
             scopes,
-            subject_token_type: sts.subject_token_type.unwrap_or_default(),
+            subject_token_type: sts.subject_token_type,
             options,
         }));
     }
@@ -318,7 +318,7 @@ fn validate_source(spec: &SourceSpec, flow: Option<&Flow>, own_name: &str, p: &m
 fn validate_secret(spec: &SecretSpec, own_name: &str, p: &mut Problems) -> SecretLayout {
     let name = spec.name.clone().unwrap_or_else(|| own_name.to_string());
     check_name(&name, "spec.secret.name", p);
-    let type_ = spec.type_.unwrap_or_default();
+    let type_ = spec.type_;
     let token_key = spec.token_key.clone().unwrap_or_else(|| DEFAULT_TOKEN_KEY.to_string());
     match type_ {
         SecretType::Opaque => {
@@ -735,7 +735,7 @@ mod tests {
     #[test]
     fn secret_layout_rules() {
         let mut spec = sts_spec();
-        spec.secret.type_ = Some(SecretType::DockerConfigJson);
+        spec.secret.type_ = SecretType::DockerConfigJson;
         assert!(problems(&spec)[0].contains("at least one registry"));
         spec.secret.registries = vec!["us-docker.pkg.dev".into(), "localhost:5000".into()];
         assert!(validate(&spec, "tr").is_ok());

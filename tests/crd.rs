@@ -57,8 +57,5 @@ fn schema_carries_names_columns_and_rules() {
     let sat = &props["source"]["properties"]["serviceAccountToken"]["properties"]["expirationSeconds"];
     assert_eq!(sat["minimum"].as_f64(), Some(600.0));
     let types = &props["secret"]["properties"]["type"]["enum"];
-    assert_eq!(
-        types,
-        &serde_json::json!(["Opaque", "kubernetes.io/dockerconfigjson", null])
-    );
+    assert_eq!(types, &serde_json::json!(["Opaque", "kubernetes.io/dockerconfigjson"]));
 }

@@ -5,7 +5,7 @@ mod reconcile;
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -77,19 +77,39 @@ pub async fn run(
     } else {
         settings.namespaces.iter().cloned().map(Some).collect()
     };
-    let mut syncs = Vec::new();
-    let mut controllers = Vec::new();
-    for namespace in scopes {
-        let (controller, synced) = controller_for(&client, &google, &metrics, &settings, namespace.as_deref());
-        syncs.push(synced);
-        controllers.push(controller);
-    }
-    tokio::spawn(async move {
-        future::join_all(syncs).await;
-        ready.store(true, Ordering::Relaxed);
-        info!("caches synced");
+    let sync = Arc::new(SyncTracker {
+        pending: AtomicUsize::new(2 * scopes.len()),
+        ready,
     });
+    let controllers = scopes
+        .iter()
+        .map(|namespace| controller_for(&client, &google, &metrics, &settings, namespace.as_deref(), &sync));
     future::join_all(controllers).await;
+}
+
+/// Counts the watches whose initial list has not completed; `ready` turns true when none is left.
+/// (Watching the streams themselves: `Store::wait_until_ready` was seen to miss wake-ups when
+/// several tasks waited at once.)
+struct SyncTracker {
+    pending: AtomicUsize,
+    ready: Arc<AtomicBool>,
+}
+
+impl SyncTracker {
+    /// A callback for one watch stream, counting only its first initial list.
+    fn watch<K>(self: &Arc<Self>) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + use<K> {
+        let tracker = self.clone();
+        let mut done = false;
+        move |event| {
+            if !done && matches!(event, Ok(watcher::Event::InitDone)) {
+                done = true;
+                if tracker.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    tracker.ready.store(true, Ordering::Release);
+                    info!("caches synced");
+                }
+            }
+        }
+    }
 }
 
 fn api_in<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -108,7 +128,8 @@ fn controller_for(
     metrics: &Arc<Metrics>,
     settings: &Settings,
     namespace: Option<&str>,
-) -> (future::BoxFuture<'static, ()>, future::BoxFuture<'static, ()>) {
+    sync: &Arc<SyncTracker>,
+) -> impl Future<Output = ()> + use<> {
     // managedFields is dropped from the caches: it is often larger than the rest of the object.
     let (tr_reader, tr_writer) = reflector::store();
     let token_requests = watcher(
@@ -116,6 +137,7 @@ fn controller_for(
         watcher::Config::default().any_semantic(),
     )
     .default_backoff()
+    .inspect(sync.watch())
     .modify(|tr| tr.managed_fields_mut().clear())
     .reflect(tr_writer)
     .applied_objects();
@@ -126,6 +148,7 @@ fn controller_for(
         watcher::Config::default().labels(MANAGED_SELECTOR).any_semantic(),
     )
     .default_backoff()
+    .inspect(sync.watch())
     .modify(|s| s.managed_fields_mut().clear())
     .reflect(secret_writer)
     .touched_objects();
@@ -144,15 +167,9 @@ fn controller_for(
         token_requests: tr_reader.clone(),
         secrets: secret_reader.clone(),
     });
-    let synced = {
-        let (a, b) = (tr_reader.clone(), secret_reader.clone());
-        Box::pin(async move {
-            let _ = futures::join!(a.wait_until_ready(), b.wait_until_ready());
-        }) as future::BoxFuture<'static, ()>
-    };
     let mapper_store = tr_reader.clone();
     let metrics = metrics.clone();
-    let controller = Controller::for_stream(token_requests, tr_reader)
+    Controller::for_stream(token_requests, tr_reader)
         .watches_stream(secrets, move |secret| triggered_by_secret(&mapper_store, &secret))
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .shutdown_on_signal()
@@ -171,8 +188,7 @@ fn controller_for(
                 Err(e) => warn!(error = %e, "controller error"),
             }
             future::ready(())
-        });
-    (Box::pin(controller), synced)
+        })
 }
 
 /// A change to a managed Secret concerns the TokenRequest that owns it and every TokenRequest

@@ -134,8 +134,6 @@ impl<'a> Reconciler<'a> {
             Ok(spec) => spec,
             Err(invalid) => return self.invalid_spec(&invalid.to_string()).await,
         };
-        // Until the Secret cache has synced, every lookup would miss and fall back to a GET.
-        let _ = self.ctx.secrets.wait_until_ready().await;
         let existing = self.existing_secret(&spec.secret.name).await?;
         let stored = match &existing {
             Existing::Foreign => return self.secret_conflict(&spec).await,

@@ -1,0 +1,317 @@
+//! The HTTP side: one listener for every API, routing by Google's paths, and the steps every
+//! request goes through (record, wait the scripted latency, apply the scripted fault, answer).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::serve::{IncomingStream, Listener};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use super::call::Call;
+use super::errors::ApiError;
+use super::faults::Applied;
+use super::state::Shared;
+use super::{Endpoint, RecordedRequest, connectors, iam, metadata, oauth, sts};
+
+/// Large enough for STS `options`, which Google allows up to 4 MiB.
+const MAX_BODY: usize = 8 << 20;
+
+/// Serves until `shutdown` is notified, then lets open connections finish.
+pub(super) fn spawn(listener: TcpListener, shared: Arc<Shared>, shutdown: Arc<Notify>) {
+    let app = Router::new()
+        .fallback(dispatch)
+        .with_state(shared)
+        .into_make_service_with_connect_info::<ConnectionHandle>();
+    let server =
+        axum::serve(DroppableListener(listener), app).with_graceful_shutdown(async move { shutdown.notified().await });
+    // `serve` only returns once shut down; there is nobody left to tell about an error then.
+    tokio::spawn(async move { server.await.ok() });
+}
+
+/// Google's resource paths, with the path parameters each API needs.
+enum Route {
+    Sts,
+    GenerateAccessToken { project: String, account: String },
+    FetchAccessToken { connector: String },
+    AcquireAccessToken { data_connector: String },
+    OAuthToken,
+    TokenInfo,
+    Metadata { account: String },
+}
+
+/// Google's path templates (from the APIs' HTTP rules) for the routes with path parameters.
+const METADATA_TOKEN: &str = "/computeMetadata/v1/instance/service-accounts/*/token";
+const GENERATE_ACCESS_TOKEN: &str = "/v1/projects/*/serviceAccounts/*:generateAccessToken";
+const FETCH_ACCESS_TOKEN: &str = "/v1/projects/*/locations/*/accountConnectors/*/users:fetchAccessToken";
+const ACQUIRE_ACCESS_TOKEN: &str = "/v1alpha/projects/*/locations/*/collections/*/dataConnector:acquireAccessToken";
+
+impl Route {
+    fn parse(method: &Method, path: &str) -> Option<Route> {
+        let route = match *method {
+            Method::POST if path == "/v1/token" => Route::Sts,
+            Method::POST if path == "/token" => Route::OAuthToken,
+            Method::GET if path == "/tokeninfo" => Route::TokenInfo,
+            Method::GET => {
+                let [account] = captures(path, METADATA_TOKEN)?;
+                Route::Metadata { account }
+            }
+            Method::POST => captures(path, GENERATE_ACCESS_TOKEN)
+                .map(|[project, account]| Route::GenerateAccessToken { project, account })
+                .or_else(|| {
+                    let [p, l, c] = captures(path, FETCH_ACCESS_TOKEN)?;
+                    let connector = format!("projects/{p}/locations/{l}/accountConnectors/{c}");
+                    Some(Route::FetchAccessToken { connector })
+                })
+                .or_else(|| {
+                    let [p, l, c] = captures(path, ACQUIRE_ACCESS_TOKEN)?;
+                    let data_connector = format!("projects/{p}/locations/{l}/collections/{c}/dataConnector");
+                    Some(Route::AcquireAccessToken { data_connector })
+                })?,
+            _ => return None,
+        };
+        Some(route)
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        match self {
+            Route::Sts => Endpoint::Sts,
+            Route::GenerateAccessToken { .. } => Endpoint::GenerateAccessToken,
+            Route::FetchAccessToken { .. } => Endpoint::FetchAccessToken,
+            Route::AcquireAccessToken { .. } => Endpoint::AcquireAccessToken,
+            Route::OAuthToken => Endpoint::OAuthToken,
+            Route::TokenInfo => Endpoint::TokenInfo,
+            Route::Metadata { .. } => Endpoint::Metadata,
+        }
+    }
+
+    fn handle(&self, call: &Call) -> Result<Response, ApiError> {
+        match self {
+            Route::Sts => sts::exchange(call),
+            Route::GenerateAccessToken { project, account } => iam::generate_access_token(call, project, account),
+            Route::FetchAccessToken { connector } => connectors::fetch_access_token(call, connector),
+            Route::AcquireAccessToken { data_connector } => connectors::acquire_access_token(call, data_connector),
+            Route::OAuthToken => oauth::token(call),
+            Route::TokenInfo => oauth::token_info(call),
+            Route::Metadata { account } => metadata::token(call, account),
+        }
+    }
+}
+
+async fn dispatch(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(connection): ConnectInfo<ConnectionHandle>,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, MAX_BODY).await;
+    let route = Route::parse(&parts.method, parts.uri.path());
+    let endpoint = route.as_ref().map(Route::endpoint);
+    let recorded = record(&parts, body.as_deref().unwrap_or_default(), endpoint);
+    let (latency, fault) = shared.state().admit(recorded);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+
+    let Some(route) = route else {
+        let message = format!("The requested URL {} was not found on this server.", parts.uri.path());
+        return ApiError::rpc(StatusCode::NOT_FOUND, message).into_response();
+    };
+    let endpoint = route.endpoint();
+    let shaping = match fault.map(|fault| fault.apply(endpoint)) {
+        None => None,
+        Some(Applied::Shape(shaping)) => Some(shaping),
+        Some(Applied::Respond(response)) => return finish(endpoint, response),
+        Some(Applied::Drop) => {
+            connection.drop_connection();
+            // Never reaches the client: writing it fails and hyper closes the connection.
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    let Ok(body) = body else {
+        let error = ApiError::invalid_argument("The request body could not be read.");
+        return finish(endpoint, error.into_response());
+    };
+    let call = Call {
+        shared: &shared,
+        endpoint,
+        headers: &parts.headers,
+        query: parts.uri.query().unwrap_or_default(),
+        body: &body,
+        shaping,
+    };
+    finish(
+        endpoint,
+        route.handle(&call).unwrap_or_else(IntoResponse::into_response),
+    )
+}
+
+/// Matches `path` against a template in the style of Google's HTTP rules, where `*` stands for
+/// one non-empty path segment (possibly followed by a literal suffix such as `:method`), and
+/// returns what the stars matched.
+fn captures<const N: usize>(path: &str, template: &str) -> Option<[String; N]> {
+    let mut segments = path.split('/');
+    let mut captured = Vec::with_capacity(N);
+    for expected in template.split('/') {
+        let actual = segments.next()?;
+        match expected.strip_prefix('*') {
+            Some(suffix) => captured.push(actual.strip_suffix(suffix).filter(|s| !s.is_empty())?.to_owned()),
+            None if expected == actual => {}
+            None => return None,
+        }
+    }
+    if segments.next().is_some() {
+        return None;
+    }
+    captured.try_into().ok()
+}
+
+/// Headers every answer of an endpoint carries, errors and faults included.
+fn finish(endpoint: Endpoint, mut response: Response) -> Response {
+    if endpoint == Endpoint::Metadata {
+        // Clients check this to know they reached a real metadata server.
+        let flavor = HeaderName::from_static("metadata-flavor");
+        response
+            .headers_mut()
+            .insert(flavor, HeaderValue::from_static("Google"));
+    }
+    response
+}
+
+fn record(parts: &Parts, body: &[u8], endpoint: Option<Endpoint>) -> RecordedRequest {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    RecordedRequest {
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.to_string()),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), text(value.as_bytes())))
+            .collect(),
+        body: text(body),
+        endpoint,
+    }
+}
+
+/// A TCP listener whose connections a handler can cut off, to emulate a dropped connection.
+struct DroppableListener(TcpListener);
+
+/// A connection that fails every write once dropped, so hyper closes it without answering.
+struct DroppableStream {
+    inner: TcpStream,
+    dropped: Arc<AtomicBool>,
+}
+
+/// Handed to the handler (as connect info) to drop its own connection.
+#[derive(Clone)]
+struct ConnectionHandle(Arc<AtomicBool>);
+
+impl ConnectionHandle {
+    fn drop_connection(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Connected<IncomingStream<'_, DroppableListener>> for ConnectionHandle {
+    fn connect_info(stream: IncomingStream<'_, DroppableListener>) -> Self {
+        ConnectionHandle(Arc::clone(&stream.io().dropped))
+    }
+}
+
+impl Listener for DroppableListener {
+    type Io = DroppableStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((inner, addr)) => {
+                    return (
+                        DroppableStream {
+                            inner,
+                            dropped: Arc::default(),
+                        },
+                        addr,
+                    );
+                }
+                // Usually out of file descriptors: back off instead of spinning, as axum does.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+impl AsyncRead for DroppableStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for DroppableStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.dropped.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captures_match_whole_segments_and_suffixes() {
+        let iam = "/v1/projects/-/serviceAccounts/sa@p.iam.gserviceaccount.com:generateAccessToken";
+        assert_eq!(
+            captures(iam, GENERATE_ACCESS_TOKEN),
+            Some(["-".to_owned(), "sa@p.iam.gserviceaccount.com".to_owned()])
+        );
+        for miss in [
+            "/v1/projects/-/serviceAccounts/:generateAccessToken",
+            "/v1/projects/-/serviceAccounts/sa:signJwt",
+            "/v1/projects/-/serviceAccounts/sa:generateAccessToken/extra",
+            "/v1/projects/-/serviceAccounts",
+        ] {
+            assert_eq!(captures::<2>(miss, GENERATE_ACCESS_TOKEN), None, "{miss}");
+        }
+    }
+
+    #[test]
+    fn routes_need_the_right_method() {
+        let fetch = "/v1/projects/p/locations/l/accountConnectors/c/users:fetchAccessToken";
+        let Some(Route::FetchAccessToken { connector }) = Route::parse(&Method::POST, fetch) else {
+            panic!("not routed");
+        };
+        assert_eq!(connector, "projects/p/locations/l/accountConnectors/c");
+        assert!(Route::parse(&Method::GET, fetch).is_none());
+        assert!(Route::parse(&Method::GET, "/v1/token").is_none());
+    }
+}

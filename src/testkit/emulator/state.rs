@@ -1,0 +1,113 @@
+//! The emulator's state: configuration, the request log and the token registry, behind one
+//! mutex that is never held across an `await`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use jsonwebtoken::DecodingKey;
+
+use super::{Endpoint, Fault, IssuedToken, RecordedRequest};
+
+/// Google's default token lifetime, and the emulator's for every endpoint not configured otherwise.
+pub(super) const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+
+pub(super) struct Shared {
+    pub(super) base_url: String,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    pub(super) fn new(base_url: String) -> Self {
+        Self {
+            base_url,
+            state: Mutex::default(),
+        }
+    }
+
+    pub(super) fn state(&self) -> MutexGuard<'_, State> {
+        // A test that panicked while holding the lock leaves nothing half-written that matters.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+pub(super) struct ServiceAccountKey {
+    pub(super) client_email: String,
+    pub(super) key: DecodingKey,
+}
+
+pub(super) struct AuthorizedUser {
+    pub(super) client_id: String,
+    pub(super) client_secret: String,
+    pub(super) refresh_token: String,
+    pub(super) user: String,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    /// Only lifetimes set explicitly; see [`State::lifetime`].
+    pub(super) lifetimes: HashMap<Endpoint, Duration>,
+    pub(super) latencies: HashMap<Endpoint, Duration>,
+    pub(super) faults: HashMap<Endpoint, VecDeque<Fault>>,
+    pub(super) providers: HashSet<String>,
+    /// Service account email → principals allowed to impersonate it.
+    pub(super) service_accounts: HashMap<String, Vec<String>>,
+    /// Key ID → key.
+    pub(super) keys: HashMap<String, ServiceAccountKey>,
+    pub(super) users: Vec<AuthorizedUser>,
+    pub(super) metadata_account: Option<String>,
+    pub(super) account_connectors: HashSet<String>,
+    pub(super) data_connectors: HashSet<String>,
+    pub(super) requests: Vec<RecordedRequest>,
+    /// Tokens in issue order; `tokens` holds what is known about each.
+    pub(super) issued: Vec<String>,
+    pub(super) tokens: HashMap<String, IssuedToken>,
+}
+
+impl State {
+    /// Logs a request and hands out what is scripted for it: its latency and its next fault.
+    pub(super) fn admit(&mut self, request: RecordedRequest) -> (Duration, Option<Fault>) {
+        let endpoint = request.endpoint;
+        self.requests.push(request);
+        let Some(endpoint) = endpoint else {
+            return (Duration::ZERO, None);
+        };
+        let latency = self.latencies.get(&endpoint).copied().unwrap_or_default();
+        let fault = self.faults.get_mut(&endpoint).and_then(VecDeque::pop_front);
+        (latency, fault)
+    }
+
+    /// The lifetime of tokens `endpoint` issues.
+    pub(super) fn lifetime(&self, endpoint: Endpoint) -> Duration {
+        self.lifetimes.get(&endpoint).copied().unwrap_or(DEFAULT_LIFETIME)
+    }
+
+    /// Registers a new token and returns it. Tokens look like Google's (`ya29.` prefix) but are
+    /// recognisable as the emulator's, and are never reused.
+    pub(super) fn issue(&mut self, info: IssuedToken) -> String {
+        let token = loop {
+            let candidate: String = std::iter::repeat_with(fastrand::alphanumeric).take(48).collect();
+            let candidate = format!("ya29.emu.{candidate}");
+            if !self.tokens.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        self.issued.push(token.clone());
+        self.tokens.insert(token.clone(), info);
+        token
+    }
+
+    /// A token this emulator issued that has not expired yet.
+    pub(super) fn live_token(&self, token: &str) -> Option<&IssuedToken> {
+        self.tokens
+            .get(token)
+            .filter(|info| info.expires_at > SystemTime::now())
+    }
+
+    /// Whether `principal` may mint tokens for the service account `email`.
+    pub(super) fn may_impersonate(&self, principal: &str, email: &str) -> bool {
+        self.service_accounts
+            .get(email)
+            .is_some_and(|callers| callers.iter().any(|c| c == "*" || c == principal))
+    }
+}

@@ -1,0 +1,827 @@
+//! The Google API emulator answers like Google: paths, success bodies, error shapes, and the
+//! scripted faults the operator's tests rely on.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use gcp_token_operator::testkit::emulator::{Endpoint, Fault, GoogleEmulator};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::{Client, RequestBuilder, Response};
+use serde_json::{Value, json};
+
+const PROVIDER: &str = "//iam.googleapis.com/projects/123456/locations/global/workloadIdentityPools/pool/providers/k8s";
+const POOL_PRINCIPAL: &str =
+    "principal://iam.googleapis.com/projects/123456/locations/global/workloadIdentityPools/pool";
+const METADATA_SA: &str = "node@proj.iam.gserviceaccount.com";
+const TARGET_SA: &str = "target@proj.iam.gserviceaccount.com";
+const ACCOUNT_CONNECTOR: &str = "projects/proj/locations/us-central1/accountConnectors/github";
+const DATA_CONNECTOR: &str = "projects/proj/locations/global/collections/jira/dataConnector";
+const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// An emulator with one identity of each kind configured, and a client for it.
+async fn setup() -> (GoogleEmulator, Client) {
+    let emu = GoogleEmulator::start().await.expect("emulator starts");
+    emu.add_workload_identity_provider(PROVIDER);
+    emu.set_metadata_service_account(METADATA_SA);
+    emu.add_service_account(TARGET_SA, &[&format!("serviceAccount:{METADATA_SA}")]);
+    emu.add_account_connector(ACCOUNT_CONNECTOR);
+    emu.add_data_connector(DATA_CONNECTOR);
+    (emu, Client::new())
+}
+
+async fn send(request: RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.expect("request completes");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON body"))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A Kubernetes-style service account token; the emulator checks claims, not signatures.
+fn oidc_token(aud: Value, sub: &str, exp: u64) -> String {
+    let part = |v: Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let header = part(json!({"alg": "RS256", "kid": "k8s", "typ": "JWT"}));
+    let claims =
+        part(json!({"iss": "https://kubernetes.default.svc", "aud": aud, "sub": sub, "iat": now_secs(), "exp": exp}));
+    format!("{header}.{claims}.c2lnbmF0dXJl")
+}
+
+fn https_provider() -> String {
+    format!("https:{PROVIDER}")
+}
+
+fn sts_form(subject_token: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("grant_type", TOKEN_EXCHANGE.into()),
+        ("audience", PROVIDER.into()),
+        ("scope", CLOUD_PLATFORM.into()),
+        ("requested_token_type", ACCESS_TOKEN_TYPE.into()),
+        ("subject_token", subject_token.into()),
+        ("subject_token_type", JWT_TYPE.into()),
+    ]
+}
+
+fn sts(emu: &GoogleEmulator, http: &Client, form: &[(&str, String)]) -> RequestBuilder {
+    http.post(format!("{}/v1/token", emu.base_url())).form(form)
+}
+
+fn metadata(emu: &GoogleEmulator, http: &Client) -> RequestBuilder {
+    let url = format!(
+        "{}/computeMetadata/v1/instance/service-accounts/default/token",
+        emu.base_url()
+    );
+    http.get(url).header("Metadata-Flavor", "Google")
+}
+
+async fn metadata_token(emu: &GoogleEmulator, http: &Client) -> String {
+    let (status, body) = send(metadata(emu, http)).await;
+    assert_eq!(status, 200, "{body}");
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+fn generate(emu: &GoogleEmulator, http: &Client, account: &str, bearer: Option<&str>, body: Value) -> RequestBuilder {
+    let url = format!(
+        "{}/v1/projects/-/serviceAccounts/{account}:generateAccessToken",
+        emu.base_url()
+    );
+    let request = http.post(url).json(&body);
+    match bearer {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    }
+}
+
+fn fetch(emu: &GoogleEmulator, http: &Client, connector: &str, token: &str) -> RequestBuilder {
+    http.post(format!("{}/v1/{connector}/users:fetchAccessToken", emu.base_url()))
+        .bearer_auth(token)
+}
+
+fn acquire(emu: &GoogleEmulator, http: &Client, connector: &str, token: &str) -> RequestBuilder {
+    http.post(format!("{}/v1alpha/{connector}:acquireAccessToken", emu.base_url()))
+        .bearer_auth(token)
+}
+
+fn assert_rpc_error(body: &Value, code: u16, status: &str) {
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert_eq!(body["error"]["status"], status, "{body}");
+    assert!(
+        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+fn assert_oauth_error(body: &Value, error: &str) {
+    assert_eq!(body["error"], error, "{body}");
+    assert!(body["error_description"].is_string(), "{body}");
+}
+
+fn assert_rfc3339(text: &str) {
+    let bytes = text.as_bytes();
+    assert_eq!(bytes.len(), 20, "{text}");
+    assert!(text.ends_with('Z') && bytes[10] == b'T' && bytes[4] == b'-', "{text}");
+}
+
+/// Seconds from now until `t`, for lifetimes checked to the second.
+fn secs_left(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::now()).unwrap().as_secs()
+}
+
+// ---- STS -------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sts_exchanges_an_oidc_token_from_a_form_body() {
+    let (emu, http) = setup().await;
+    let subject = oidc_token(
+        json!(https_provider()),
+        "system:serviceaccount:ns:app",
+        now_secs() + 600,
+    );
+    let (status, body) = send(sts(&emu, &http, &sts_form(&subject))).await;
+
+    assert_eq!(status, 200, "{body}");
+    let token = body["access_token"].as_str().unwrap();
+    assert!(token.starts_with("ya29.emu."));
+    assert_eq!(body["issued_token_type"], ACCESS_TOKEN_TYPE);
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 3600);
+    let info = emu.token_info(token).unwrap();
+    assert_eq!(
+        info.principal,
+        format!("{POOL_PRINCIPAL}/subject/system:serviceaccount:ns:app")
+    );
+    assert_eq!(info.endpoint, Endpoint::Sts);
+    assert_eq!(info.scopes, [CLOUD_PLATFORM]);
+    assert_eq!(emu.issued_tokens(), [token]);
+}
+
+#[tokio::test]
+async fn sts_accepts_json_with_camel_case_names() {
+    let (emu, http) = setup().await;
+    let subject = oidc_token(json!(["other", PROVIDER]), "repo:org/app", now_secs() + 600);
+    let request = json!({
+        "grantType": TOKEN_EXCHANGE,
+        "audience": PROVIDER,
+        "scope": CLOUD_PLATFORM,
+        "requestedTokenType": ACCESS_TOKEN_TYPE,
+        "subjectToken": subject,
+        "subjectTokenType": "urn:ietf:params:oauth:token-type:id_token",
+    });
+    let (status, body) = send(http.post(format!("{}/v1/token", emu.base_url())).json(&request)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["access_token"].is_string());
+    assert!(body["expires_in"].is_u64());
+}
+
+#[tokio::test]
+async fn sts_rejects_an_authorization_header() {
+    let (emu, http) = setup().await;
+    let subject = oidc_token(json!(https_provider()), "sub", now_secs() + 600);
+    let (status, body) = send(sts(&emu, &http, &sts_form(&subject)).bearer_auth("ya29.anything")).await;
+    assert_eq!(status, 400);
+    assert_oauth_error(&body, "invalid_request");
+    assert!(emu.issued_tokens().is_empty());
+}
+
+#[tokio::test]
+async fn sts_rejects_malformed_and_unknown_audiences() {
+    let (emu, http) = setup().await;
+    let subject = oidc_token(json!(https_provider()), "sub", now_secs() + 600);
+
+    let mut form = sts_form(&subject);
+    form[1].1 = "projects/my-project/workloadIdentityPools/pool".into();
+    let (status, body) = send(sts(&emu, &http, &form)).await;
+    assert_eq!(status, 400);
+    assert_oauth_error(&body, "invalid_request");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("Invalid value for \"audience\"")
+    );
+
+    form[1].1 = PROVIDER.replace("/k8s", "/unknown");
+    let (status, body) = send(sts(&emu, &http, &form)).await;
+    assert_eq!(status, 400);
+    assert_oauth_error(&body, "invalid_target");
+}
+
+#[tokio::test]
+async fn sts_rejects_subject_tokens_for_another_audience_or_expired() {
+    let (emu, http) = setup().await;
+    for subject in [
+        oidc_token(json!("https://example.com"), "sub", now_secs() + 600),
+        oidc_token(json!(https_provider()), "sub", now_secs() - 10),
+        "not-a-jwt".to_owned(),
+    ] {
+        let (status, body) = send(sts(&emu, &http, &sts_form(&subject))).await;
+        assert_eq!(status, 400, "{body}");
+        assert_oauth_error(&body, "invalid_grant");
+    }
+}
+
+#[tokio::test]
+async fn sts_downscoping_an_access_token_reports_no_expiry() {
+    let (emu, http) = setup().await;
+    let source = metadata_token(&emu, &http).await;
+    let options = json!({"accessBoundary": {"accessBoundaryRules": [{
+        "availableResource": "//storage.googleapis.com/projects/_/buckets/b",
+        "availablePermissions": ["inRole:roles/storage.objectViewer"],
+    }]}});
+    let form = [
+        ("grant_type", TOKEN_EXCHANGE.to_owned()),
+        ("requested_token_type", ACCESS_TOKEN_TYPE.to_owned()),
+        ("subject_token", source.clone()),
+        ("subject_token_type", ACCESS_TOKEN_TYPE.to_owned()),
+        ("options", options.to_string()),
+    ];
+    let (status, body) = send(sts(&emu, &http, &form)).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("expires_in").is_none(), "{body}");
+    let downscoped = emu.token_info(body["access_token"].as_str().unwrap()).unwrap();
+    let source = emu.token_info(&source).unwrap();
+    assert_eq!(downscoped.principal, source.principal);
+    assert_eq!(downscoped.expires_at, source.expires_at);
+}
+
+#[tokio::test]
+async fn sts_rejects_options_that_are_not_role_based_boundaries() {
+    let (emu, http) = setup().await;
+    let subject = oidc_token(json!(https_provider()), "sub", now_secs() + 600);
+    let mut form = sts_form(&subject);
+    let options = json!({"accessBoundary": {"accessBoundaryRules": [{
+        "availableResource": "//storage.googleapis.com/projects/_/buckets/b",
+        "availablePermissions": ["storage.objects.get"],
+    }]}});
+    form.push(("options", options.to_string()));
+    let (status, body) = send(sts(&emu, &http, &form)).await;
+    assert_eq!(status, 400);
+    assert_oauth_error(&body, "invalid_request");
+    assert!(body["error_description"].as_str().unwrap().contains("options"));
+}
+
+// ---- IAM Credentials --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn generate_access_token_impersonates_an_allowed_account() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    let request = json!({"scope": [CLOUD_PLATFORM], "lifetime": "600s"});
+    let (status, body) = send(generate(&emu, &http, TARGET_SA, Some(&caller), request)).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_rfc3339(body["expireTime"].as_str().unwrap());
+    let info = emu.token_info(body["accessToken"].as_str().unwrap()).unwrap();
+    assert_eq!(info.principal, format!("serviceAccount:{TARGET_SA}"));
+    assert_eq!(info.endpoint, Endpoint::GenerateAccessToken);
+    assert!((595..=600).contains(&secs_left(info.expires_at)));
+}
+
+#[tokio::test]
+async fn a_configured_lifetime_caps_the_requested_one() {
+    let (emu, http) = setup().await;
+    emu.set_lifetime(Endpoint::GenerateAccessToken, Duration::from_secs(60));
+    let caller = metadata_token(&emu, &http).await;
+    let request = json!({"scope": [CLOUD_PLATFORM], "lifetime": "3600s"});
+    let (status, body) = send(generate(&emu, &http, TARGET_SA, Some(&caller), request)).await;
+    assert_eq!(status, 200, "{body}");
+    let info = emu.token_info(body["accessToken"].as_str().unwrap()).unwrap();
+    assert!((55..=60).contains(&secs_left(info.expires_at)));
+}
+
+#[tokio::test]
+async fn generate_access_token_requires_a_live_bearer_token() {
+    let (emu, http) = setup().await;
+    let request = json!({"scope": [CLOUD_PLATFORM]});
+    let response = generate(&emu, &http, TARGET_SA, None, request.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(response.headers().contains_key("www-authenticate"));
+    assert_rpc_error(&response.json().await.unwrap(), 401, "UNAUTHENTICATED");
+
+    emu.set_lifetime(Endpoint::Metadata, Duration::ZERO);
+    let expired = metadata_token(&emu, &http).await;
+    let (status, body) = send(generate(&emu, &http, TARGET_SA, Some(&expired), request)).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["details"][0]["reason"], "ACCESS_TOKEN_EXPIRED");
+}
+
+#[tokio::test]
+async fn generate_access_token_denies_unknown_or_unauthorized_accounts() {
+    let (emu, http) = setup().await;
+    emu.add_service_account(
+        "locked@proj.iam.gserviceaccount.com",
+        &["serviceAccount:someone@else.com"],
+    );
+    let caller = metadata_token(&emu, &http).await;
+    for account in [
+        "missing@proj.iam.gserviceaccount.com",
+        "locked@proj.iam.gserviceaccount.com",
+    ] {
+        let request = json!({"scope": [CLOUD_PLATFORM]});
+        let (status, body) = send(generate(&emu, &http, account, Some(&caller), request)).await;
+        assert_eq!(status, 403);
+        assert_eq!(
+            body,
+            json!({"error": {
+                "code": 403,
+                "message": "Permission 'iam.serviceAccounts.getAccessToken' denied on resource (or it may not exist).",
+                "status": "PERMISSION_DENIED",
+                "details": [{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "IAM_PERMISSION_DENIED",
+                    "domain": "iam.googleapis.com",
+                    "metadata": {"permission": "iam.serviceAccounts.getAccessToken"},
+                }],
+            }})
+        );
+    }
+}
+
+#[tokio::test]
+async fn generate_access_token_follows_the_delegation_chain() {
+    let (emu, http) = setup().await;
+    let middle = "middle@proj.iam.gserviceaccount.com";
+    emu.add_service_account(middle, &[&format!("serviceAccount:{METADATA_SA}")]);
+    emu.add_service_account(
+        "end@proj.iam.gserviceaccount.com",
+        &[&format!("serviceAccount:{middle}")],
+    );
+    let caller = metadata_token(&emu, &http).await;
+    let delegates = json!([format!("projects/-/serviceAccounts/{middle}")]);
+
+    let request = json!({"scope": [CLOUD_PLATFORM], "delegates": delegates});
+    let (status, body) = send(generate(
+        &emu,
+        &http,
+        "end@proj.iam.gserviceaccount.com",
+        Some(&caller),
+        request,
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Without the delegate, the caller has no grant on the end of the chain.
+    let request = json!({"scope": [CLOUD_PLATFORM]});
+    let (status, _) = send(generate(
+        &emu,
+        &http,
+        "end@proj.iam.gserviceaccount.com",
+        Some(&caller),
+        request,
+    ))
+    .await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn generate_access_token_rejects_malformed_requests() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    for request in [
+        json!({"scope": [CLOUD_PLATFORM], "lifetime": "abc"}),
+        json!({"scope": [CLOUD_PLATFORM], "lifetime": "43201s"}),
+        json!({"scope": []}),
+        json!({"scope": [CLOUD_PLATFORM], "unknown": true}),
+        json!({"scope": [CLOUD_PLATFORM], "delegates": ["middle@proj.iam.gserviceaccount.com"]}),
+    ] {
+        let (status, body) = send(generate(&emu, &http, TARGET_SA, Some(&caller), request.clone())).await;
+        assert_eq!(status, 400, "{request}");
+        assert_rpc_error(&body, 400, "INVALID_ARGUMENT");
+    }
+    let url = format!(
+        "{}/v1/projects/proj/serviceAccounts/{TARGET_SA}:generateAccessToken",
+        emu.base_url()
+    );
+    let (status, body) = send(
+        http.post(url)
+            .bearer_auth(&caller)
+            .json(&json!({"scope": [CLOUD_PLATFORM]})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_rpc_error(&body, 400, "INVALID_ARGUMENT");
+}
+
+// ---- Developer Connect and Discovery Engine ---------------------------------------------------
+
+#[tokio::test]
+async fn fetch_access_token_returns_the_user_token() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    let (status, body) = send(fetch(&emu, &http, ACCOUNT_CONNECTOR, &caller)).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert!(body["token"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_rfc3339(body["expirationTime"].as_str().unwrap());
+    assert!(
+        body["scopes"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty() && s.iter().all(Value::is_string))
+    );
+    assert!(body.get("exchangeError").is_none());
+    let info = emu.token_info(body["token"].as_str().unwrap()).unwrap();
+    assert_eq!(info.principal, format!("serviceAccount:{METADATA_SA}"));
+}
+
+#[tokio::test]
+async fn fetch_access_token_requires_an_empty_body_and_a_known_connector() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    let (status, body) = send(fetch(&emu, &http, ACCOUNT_CONNECTOR, &caller).json(&json!({"foo": 1}))).await;
+    assert_eq!(status, 400);
+    assert_rpc_error(&body, 400, "INVALID_ARGUMENT");
+
+    let (status, _) = send(fetch(&emu, &http, ACCOUNT_CONNECTOR, &caller).json(&json!({}))).await;
+    assert_eq!(status, 200);
+
+    let unknown = ACCOUNT_CONNECTOR.replace("github", "gitlab");
+    let (status, body) = send(fetch(&emu, &http, &unknown, &caller)).await;
+    assert_eq!(status, 404);
+    assert_rpc_error(&body, 404, "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn fetch_access_token_exchange_errors_arrive_inside_a_200() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    let fault = Fault::ExchangeError {
+        code: "invalid_grant".into(),
+        description: "refresh token revoked".into(),
+    };
+    emu.fail_next(Endpoint::FetchAccessToken, 1, fault);
+    emu.fail_next(Endpoint::FetchAccessToken, 1, Fault::EmptyExpiration);
+
+    let (status, body) = send(fetch(&emu, &http, ACCOUNT_CONNECTOR, &caller)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["token"], "");
+    assert_eq!(
+        body["exchangeError"],
+        json!({"code": "invalid_grant", "description": "refresh token revoked"})
+    );
+
+    let (status, body) = send(fetch(&emu, &http, ACCOUNT_CONNECTOR, &caller)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["expirationTime"], "");
+    let token = body["token"].as_str().unwrap();
+    assert!(emu.issued_tokens().iter().any(|t| t == token));
+    // Only the metadata token and the one above were issued: the exchange error minted nothing.
+    assert_eq!(emu.issued_tokens().len(), 2);
+}
+
+#[tokio::test]
+async fn acquire_access_token_returns_a_token_without_expiry() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    let (status, body) = send(acquire(&emu, &http, DATA_CONNECTOR, &caller).json(&json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["accessToken"].as_str().is_some_and(|t| t.starts_with("ya29.emu.")));
+    assert!(body["refreshTokenInfo"]["scopes"].is_array());
+    assert_eq!(body.as_object().unwrap().len(), 2, "no expiry field: {body}");
+
+    let request = json!({"scope": "https://www.googleapis.com/auth/drive.readonly", "action": "search"});
+    let (status, body) = send(acquire(&emu, &http, DATA_CONNECTOR, &caller).json(&request)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["refreshTokenInfo"]["scopes"],
+        json!(["https://www.googleapis.com/auth/drive.readonly"])
+    );
+    // The API reports no expiry, but the emulator still expires its tokens.
+    let info = emu.token_info(body["accessToken"].as_str().unwrap()).unwrap();
+    assert!(info.expires_at > SystemTime::now());
+}
+
+#[tokio::test]
+async fn acquire_access_token_rejects_unknown_connectors_and_fields() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    let unknown = DATA_CONNECTOR.replace("jira", "confluence");
+    let (status, body) = send(acquire(&emu, &http, &unknown, &caller)).await;
+    assert_eq!(status, 404);
+    assert_rpc_error(&body, 404, "NOT_FOUND");
+
+    let (status, body) = send(acquire(&emu, &http, DATA_CONNECTOR, &caller).json(&json!({"scopes": ["x"]}))).await;
+    assert_eq!(status, 400);
+    assert_rpc_error(&body, 400, "INVALID_ARGUMENT");
+
+    let (status, body) = send(http.post(format!(
+        "{}/v1alpha/{DATA_CONNECTOR}:acquireAccessToken",
+        emu.base_url()
+    )))
+    .await;
+    assert_eq!(status, 401);
+    assert_rpc_error(&body, 401, "UNAUTHENTICATED");
+}
+
+// ---- OAuth token endpoint and tokeninfo -------------------------------------------------------
+
+struct ServiceAccountKey {
+    email: &'static str,
+    kid: &'static str,
+    private_pem: String,
+    public_pem: String,
+}
+
+fn service_account_key(email: &'static str, kid: &'static str) -> ServiceAccountKey {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("RSA key generation");
+    ServiceAccountKey {
+        email,
+        kid,
+        private_pem: key.serialize_pem(),
+        public_pem: key.public_key_pem(),
+    }
+}
+
+fn assertion(key: &ServiceAccountKey, aud: &str, scope: &str) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(key.kid.to_owned());
+    let now = now_secs();
+    let claims = json!({"iss": key.email, "aud": aud, "scope": scope, "iat": now, "exp": now + 3600});
+    let signing_key = EncodingKey::from_rsa_pem(key.private_pem.as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, &claims, &signing_key).unwrap()
+}
+
+fn oauth_token(emu: &GoogleEmulator, http: &Client, form: &[(&str, &str)]) -> RequestBuilder {
+    http.post(format!("{}/token", emu.base_url())).form(form)
+}
+
+#[tokio::test]
+async fn jwt_bearer_grant_verifies_the_key_signature() {
+    let (emu, http) = setup().await;
+    let key = service_account_key("keyed@proj.iam.gserviceaccount.com", "kid-1");
+    emu.add_service_account_key(key.email, key.kid, &key.public_pem);
+
+    let jwt = assertion(&key, "https://oauth2.googleapis.com/token", CLOUD_PLATFORM);
+    let (status, body) = send(oauth_token(
+        &emu,
+        &http,
+        &[("grant_type", JWT_BEARER), ("assertion", &jwt)],
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 3600);
+    assert_eq!(body["scope"], CLOUD_PLATFORM);
+    let info = emu.token_info(body["access_token"].as_str().unwrap()).unwrap();
+    assert_eq!(info.principal, format!("serviceAccount:{}", key.email));
+
+    // The emulator's own URL is an acceptable audience too.
+    let jwt = assertion(&key, &format!("{}/token", emu.base_url()), CLOUD_PLATFORM);
+    let (status, _) = send(oauth_token(
+        &emu,
+        &http,
+        &[("grant_type", JWT_BEARER), ("assertion", &jwt)],
+    ))
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn jwt_bearer_grant_rejects_a_signature_from_another_key() {
+    let (emu, http) = setup().await;
+    let registered = service_account_key("keyed@proj.iam.gserviceaccount.com", "kid-1");
+    emu.add_service_account_key(registered.email, registered.kid, &registered.public_pem);
+    let impostor = service_account_key(registered.email, registered.kid);
+
+    let jwt = assertion(&impostor, "https://oauth2.googleapis.com/token", CLOUD_PLATFORM);
+    let (status, body) = send(oauth_token(
+        &emu,
+        &http,
+        &[("grant_type", JWT_BEARER), ("assertion", &jwt)],
+    ))
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body,
+        json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."})
+    );
+
+    let jwt = assertion(&registered, "https://oauth2.googleapis.com/token", "");
+    let (status, body) = send(oauth_token(
+        &emu,
+        &http,
+        &[("grant_type", JWT_BEARER), ("assertion", &jwt)],
+    ))
+    .await;
+    assert_eq!(status, 400);
+    assert_oauth_error(&body, "invalid_scope");
+}
+
+#[tokio::test]
+async fn refresh_token_grant_checks_client_and_token() {
+    let (emu, http) = setup().await;
+    emu.add_authorized_user("client-1", "secret-1", "refresh-1", "dev@example.com");
+    let form = |secret: &'static str, refresh: &'static str| {
+        [
+            ("grant_type", "refresh_token"),
+            ("client_id", "client-1"),
+            ("client_secret", secret),
+            ("refresh_token", refresh),
+        ]
+    };
+
+    let (status, body) = send(oauth_token(&emu, &http, &form("secret-1", "refresh-1"))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["expires_in"].is_u64() && body["scope"].is_string());
+    let info = emu.token_info(body["access_token"].as_str().unwrap()).unwrap();
+    assert_eq!(info.principal, "user:dev@example.com");
+
+    let (status, body) = send(oauth_token(&emu, &http, &form("wrong", "refresh-1"))).await;
+    assert_eq!(status, 401);
+    assert_oauth_error(&body, "invalid_client");
+
+    let (status, body) = send(oauth_token(&emu, &http, &form("secret-1", "revoked"))).await;
+    assert_eq!(status, 400);
+    assert_oauth_error(&body, "invalid_grant");
+}
+
+#[tokio::test]
+async fn tokeninfo_describes_live_tokens_only() {
+    let (emu, http) = setup().await;
+    let token = metadata_token(&emu, &http).await;
+    let url = format!("{}/tokeninfo", emu.base_url());
+
+    let (status, body) = send(http.get(format!("{url}?access_token={token}"))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["email"], METADATA_SA);
+    assert_eq!(body["scope"], CLOUD_PLATFORM);
+    let expires_in: u64 = body["expires_in"].as_str().unwrap().parse().unwrap();
+    assert!((3595..=3600).contains(&expires_in));
+    let exp: u64 = body["exp"].as_str().unwrap().parse().unwrap();
+    assert!(exp.abs_diff(now_secs() + 3600) <= 5);
+    assert!(body["azp"].is_string());
+
+    let (status, body) = send(http.get(format!("{url}?access_token=ya29.forged"))).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body,
+        json!({"error": "invalid_token", "error_description": "Invalid Value"})
+    );
+}
+
+// ---- Metadata server --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn metadata_server_issues_tokens_for_its_identity() {
+    let (emu, http) = setup().await;
+    let url = format!(
+        "{}/computeMetadata/v1/instance/service-accounts/{METADATA_SA}/token",
+        emu.base_url()
+    );
+    let response = http
+        .get(format!("{url}?scopes=a,b"))
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["metadata-flavor"], "Google");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 3600);
+    let info = emu.token_info(body["access_token"].as_str().unwrap()).unwrap();
+    assert_eq!(info.scopes, ["a", "b"]);
+    assert_eq!(info.principal, format!("serviceAccount:{METADATA_SA}"));
+}
+
+#[tokio::test]
+async fn metadata_server_requires_the_flavor_header_and_an_identity() {
+    let (emu, http) = setup().await;
+    let url = format!(
+        "{}/computeMetadata/v1/instance/service-accounts/default/token",
+        emu.base_url()
+    );
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 403);
+
+    let bare = GoogleEmulator::start().await.unwrap();
+    assert_eq!(metadata(&bare, &http).send().await.unwrap().status(), 404);
+}
+
+// ---- Faults, latency, observation -------------------------------------------------------------
+
+#[tokio::test]
+async fn a_scripted_503_fails_once_then_the_endpoint_recovers() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    emu.fail_next(
+        Endpoint::GenerateAccessToken,
+        1,
+        Fault::Status {
+            code: 503,
+            retry_after: None,
+        },
+    );
+    let request = json!({"scope": [CLOUD_PLATFORM]});
+
+    let (status, body) = send(generate(&emu, &http, TARGET_SA, Some(&caller), request.clone())).await;
+    assert_eq!(status, 503);
+    assert_rpc_error(&body, 503, "UNAVAILABLE");
+    let (status, body) = send(generate(&emu, &http, TARGET_SA, Some(&caller), request)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(emu.calls(Endpoint::GenerateAccessToken), 2);
+}
+
+#[tokio::test]
+async fn status_faults_carry_retry_after_and_the_endpoint_error_shape() {
+    let (emu, http) = setup().await;
+    emu.fail_next(
+        Endpoint::Sts,
+        1,
+        Fault::Status {
+            code: 429,
+            retry_after: Some(7),
+        },
+    );
+    let subject = oidc_token(json!(https_provider()), "sub", now_secs() + 600);
+    let response: Response = sts(&emu, &http, &sts_form(&subject)).send().await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
+    assert_oauth_error(&response.json().await.unwrap(), "temporarily_unavailable");
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_a_transport_error() {
+    let (emu, http) = setup().await;
+    emu.fail_next(Endpoint::Metadata, 1, Fault::DropConnection);
+    let error = metadata(&emu, &http).send().await.expect_err("connection dropped");
+    assert!(error.is_request(), "{error}");
+    assert_eq!(emu.calls(Endpoint::Metadata), 1);
+    // Only that connection is gone; the server still answers.
+    metadata_token(&emu, &http).await;
+}
+
+#[tokio::test]
+async fn malformed_json_and_empty_token_faults_answer_200() {
+    let (emu, http) = setup().await;
+    emu.fail_next(Endpoint::Metadata, 1, Fault::MalformedJson);
+    emu.fail_next(Endpoint::Metadata, 1, Fault::EmptyToken);
+
+    let response = metadata(&emu, &http).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(serde_json::from_str::<Value>(&response.text().await.unwrap()).is_err());
+
+    let (status, body) = send(metadata(&emu, &http)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["access_token"], "");
+    assert!(emu.issued_tokens().is_empty());
+}
+
+#[tokio::test]
+async fn latency_delays_the_answer() {
+    let (emu, http) = setup().await;
+    emu.set_latency(Endpoint::Metadata, Duration::from_millis(300));
+    let started = Instant::now();
+    metadata_token(&emu, &http).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn every_request_is_recorded_and_unknown_paths_get_a_google_404() {
+    let (emu, http) = setup().await;
+    let token = metadata_token(&emu, &http).await;
+    let (status, body) = send(http.post(format!("{}/v2/nothing?x=1", emu.base_url())).body("payload")).await;
+    assert_eq!(status, 404);
+    assert_rpc_error(&body, 404, "NOT_FOUND");
+
+    let requests = emu.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].endpoint, Some(Endpoint::Metadata));
+    assert_eq!(requests[0].method, "GET");
+    assert!(
+        requests[0]
+            .headers
+            .iter()
+            .any(|(k, v)| k == "metadata-flavor" && v == "Google")
+    );
+    assert_eq!(requests[1].endpoint, None);
+    assert_eq!(requests[1].path, "/v2/nothing?x=1");
+    assert_eq!(requests[1].body, "payload");
+    assert_eq!(emu.issued_tokens(), [token]);
+}
+
+#[test]
+fn the_emulator_can_be_shared_across_tasks() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<GoogleEmulator>();
+}
+
+#[tokio::test]
+async fn dropping_the_emulator_stops_the_server() {
+    let emu = GoogleEmulator::start().await.unwrap();
+    let addr = emu.base_url().trim_start_matches("http://").to_owned();
+    drop(emu);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting connections");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

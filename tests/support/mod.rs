@@ -1,0 +1,309 @@
+//! What the operator tests share: a namespace on the shared control plane, a Google emulator, and
+//! the real operator binary running against both, with its log captured.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use gcp_token_operator::{
+    crd::TokenRequest,
+    testkit::{
+        control_plane::{ControlPlane, apply_crds, create_namespace, wait_for},
+        emulator::GoogleEmulator,
+    },
+};
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::{
+    Api, Client, CustomResourceExt,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use serde_json::Value;
+
+pub const AUDIENCE: &str =
+    "//iam.googleapis.com/projects/123456/locations/global/workloadIdentityPools/pool/providers/k8s";
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// One test's world: its own namespace and emulator, and an operator watching that namespace.
+pub struct Env {
+    pub control_plane: &'static ControlPlane,
+    pub client: Client,
+    pub namespace: String,
+    pub google: GoogleEmulator,
+    pub operator: Option<Operator>,
+    logs: tempfile::TempDir,
+    runs: usize,
+}
+
+impl Env {
+    pub async fn new(prefix: &str) -> Env {
+        let control_plane = ControlPlane::shared();
+        let client = control_plane.client().await;
+        apply_crds(&client, &[TokenRequest::crd()])
+            .await
+            .expect("installing the CRD");
+        let namespace = create_namespace(&client, prefix).await.expect("creating the namespace");
+        let google = GoogleEmulator::start().await.expect("starting the Google emulator");
+        google.add_workload_identity_provider(AUDIENCE);
+        let logs = tempfile::tempdir().expect("a temp dir for logs");
+        Env {
+            control_plane,
+            client,
+            namespace,
+            google,
+            operator: None,
+            logs,
+            runs: 0,
+        }
+    }
+
+    /// Starts the operator binary (again), watching this test's namespace only.
+    pub fn start_operator(&mut self) {
+        self.runs += 1;
+        let log_path = self.logs.path().join(format!("operator-{}.log", self.runs));
+        self.operator = Some(Operator::spawn(self, log_path));
+    }
+
+    /// Kills the operator at once (SIGKILL), as a crash or an eviction would.
+    pub fn kill_operator(&mut self) {
+        if let Some(mut operator) = self.operator.take() {
+            operator.kill();
+        }
+    }
+
+    /// Everything every operator run of this test logged.
+    pub fn operator_log(&self) -> String {
+        (1..=self.runs)
+            .map(|run| {
+                std::fs::read_to_string(self.logs.path().join(format!("operator-{run}.log"))).unwrap_or_default()
+            })
+            .collect()
+    }
+
+    pub fn token_requests(&self) -> Api<TokenRequest> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub async fn create(&self, name: &str, spec: Value) -> TokenRequest {
+        let tr: TokenRequest = serde_json::from_value(serde_json::json!({
+            "apiVersion": "gcptoken.dev/v1alpha1",
+            "kind": "TokenRequest",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .expect("a TokenRequest");
+        self.token_requests()
+            .create(&PostParams::default(), &tr)
+            .await
+            .expect("creating a TokenRequest")
+    }
+
+    pub async fn delete(&self, name: &str) {
+        self.token_requests()
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("deleting a TokenRequest");
+    }
+
+    /// Waits until `predicate` holds for TokenRequest `name`; on timeout, fails with the object,
+    /// its events and the operator log.
+    pub async fn wait_tr(&self, name: &str, what: &str, predicate: impl Fn(&TokenRequest) -> bool) -> TokenRequest {
+        let log = || self.operator_log();
+        wait_for(&self.token_requests(), name, WAIT, what, predicate, &log)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub async fn wait_ready(&self, name: &str) -> TokenRequest {
+        self.wait_tr(name, "Ready=True", |tr| ready_status(tr) == Some("True"))
+            .await
+    }
+
+    pub async fn wait_reason(&self, name: &str, reason: &str) -> TokenRequest {
+        self.wait_tr(name, &format!("Ready reason {reason}"), |tr| {
+            ready_reason(tr) == Some(reason)
+        })
+        .await
+    }
+
+    pub async fn wait_secret(&self, name: &str, what: &str, predicate: impl Fn(&Secret) -> bool) -> Secret {
+        let log = || self.operator_log();
+        wait_for(&self.secrets(), name, WAIT, what, predicate, &log)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub async fn secret(&self, name: &str) -> Secret {
+        self.secrets().get(name).await.expect("reading a Secret")
+    }
+
+    /// Stores `value` under `key` in a plain Secret of this namespace (a caller credential).
+    pub async fn put_secret(&self, name: &str, key: &str, value: &str) {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name},
+            "stringData": {key: value},
+        }))
+        .unwrap();
+        self.secrets()
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("creating a Secret");
+    }
+
+    /// A valid access token issued by the emulator (from its metadata server), for callers.
+    pub async fn caller_token(&self) -> String {
+        self.google
+            .set_metadata_service_account("caller@proj.iam.gserviceaccount.com");
+        let url = format!(
+            "{}/computeMetadata/v1/instance/service-accounts/default/token",
+            self.google.base_url()
+        );
+        let body: Value = reqwest::Client::new()
+            .get(url)
+            .header("Metadata-Flavor", "Google")
+            .send()
+            .await
+            .expect("metadata token")
+            .json()
+            .await
+            .expect("metadata JSON");
+        body["access_token"].as_str().expect("access_token").to_string()
+    }
+
+    /// No token the emulator ever issued appears in the operator's log, in an Event, or in a
+    /// TokenRequest's status or spec. Called at the end of every test.
+    pub async fn assert_no_token_leaked(&self) {
+        let tokens = self.google.issued_tokens();
+        assert!(
+            !tokens.is_empty(),
+            "the test issued no token, so the leak check would prove nothing"
+        );
+        let log = self.operator_log();
+        assert!(!log.is_empty(), "the operator logged nothing");
+        let events = Api::<Event>::namespaced(self.client.clone(), &self.namespace)
+            .list(&ListParams::default())
+            .await
+            .expect("listing events");
+        let events = serde_json::to_string(&events).unwrap();
+        let objects =
+            serde_json::to_string(&self.token_requests().list(&ListParams::default()).await.unwrap()).unwrap();
+        for token in &tokens {
+            assert!(!log.contains(token.as_str()), "a token appears in the operator log");
+            assert!(!events.contains(token.as_str()), "a token appears in an Event");
+            assert!(!objects.contains(token.as_str()), "a token appears in a TokenRequest");
+        }
+    }
+}
+
+pub fn ready_condition(tr: &TokenRequest) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    tr.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")
+}
+
+pub fn ready_status(tr: &TokenRequest) -> Option<&str> {
+    ready_condition(tr).map(|c| c.status.as_str())
+}
+
+pub fn ready_reason(tr: &TokenRequest) -> Option<&str> {
+    ready_condition(tr).map(|c| c.reason.as_str())
+}
+
+pub fn fingerprint(tr: &TokenRequest) -> Option<String> {
+    tr.status.as_ref()?.token_fingerprint.clone()
+}
+
+/// The token in an Opaque Secret written by the operator.
+pub fn secret_token(secret: &Secret) -> String {
+    let data = secret.data.as_ref().expect("Secret data");
+    String::from_utf8(data["token"].0.clone()).expect("UTF-8 token")
+}
+
+/// The operator binary, running against the test's control plane and emulator.
+pub struct Operator {
+    child: Child,
+    pub http_addr: String,
+    pub log_path: PathBuf,
+}
+
+impl Operator {
+    fn spawn(env: &Env, log_path: PathBuf) -> Operator {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let http_addr = format!("127.0.0.1:{port}");
+        let log = std::fs::File::create(&log_path).expect("operator log file");
+        let google = env.google.base_url();
+        let child = Command::new(env!("CARGO_BIN_EXE_gcp-token-operator"))
+            .args([
+                "run",
+                "--namespace",
+                &env.namespace,
+                "--http-addr",
+                &http_addr,
+                "--concurrency",
+                "4",
+            ])
+            .args(["--sts-endpoint", &google, "--iam-credentials-endpoint", &google])
+            .args([
+                "--developer-connect-endpoint",
+                &google,
+                "--discovery-engine-endpoint",
+                &google,
+            ])
+            .args(["--oauth2-endpoint", &google, "--metadata-endpoint", &google])
+            .env("KUBECONFIG", env.control_plane.kubeconfig_path())
+            .env("RUST_LOG", "info,gcp_token_operator=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting the operator binary");
+        Operator {
+            child,
+            http_addr,
+            log_path,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// GET on the operator's HTTP server.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("http://{}{path}", self.http_addr))
+            .await
+            .expect("operator HTTP");
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// Waits until `/readyz` answers 200: the operator's caches have synced.
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(r) = reqwest::get(format!("http://{}/readyz", self.http_addr)).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "the operator never became ready; log:\n{}",
+            std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
