@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::{RoundMode, SignedDuration, Timestamp, TimestampRound, Unit};
 use sha2::{Digest, Sha256};
 
 use crate::validation::{RefreshPolicy, RenewBefore};
@@ -96,6 +96,13 @@ pub fn retry_delay(
     delay.max(retry_after.unwrap_or_default()).max(MIN_DELAY)
 }
 
+/// `at`, rounded up to a whole second: the status stores times to the second, and a retry time
+/// rounded down would let a reconcile retry before the time it promised (e.g. before Retry-After).
+pub fn next_whole_second(at: Timestamp) -> Timestamp {
+    let rounding = TimestampRound::new().smallest(Unit::Second).mode(RoundMode::Ceil);
+    at.round(rounding).unwrap_or(at)
+}
+
 /// A number in [0, 1) derived from `key`, stable across processes.
 fn unit_hash(key: &str) -> f64 {
     let digest = Sha256::digest(key.as_bytes());
@@ -171,6 +178,13 @@ mod tests {
         let at = refresh_point(ts(0), ts(20), &pct(33), "k");
         let before = ts(20).duration_since(at).as_secs_f64();
         assert!((6.6..=7.6).contains(&before), "{before}");
+    }
+
+    #[test]
+    fn retry_times_round_up() {
+        let at: Timestamp = "2026-01-01T00:00:04.1Z".parse().unwrap();
+        assert_eq!(next_whole_second(at), "2026-01-01T00:00:05Z".parse().unwrap());
+        assert_eq!(next_whole_second(ts(4)), ts(4));
     }
 
     #[test]

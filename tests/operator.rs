@@ -485,16 +485,32 @@ async fn retry_after_is_honoured() {
     );
     env.start_operator();
     env.create("wif", sts_spec()).await;
+    // The gap between the refused call and the retry, as the emulator sees them.
+    let when_calls_reach = |n: usize| {
+        let google = &env.google;
+        async move {
+            let deadline = Instant::now() + WAIT;
+            while google.calls(Endpoint::Sts) < n {
+                assert!(Instant::now() < deadline, "no call number {n}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Instant::now()
+        }
+    };
+    let refused = when_calls_reach(1).await;
     let failed = env.wait_reason("wif", "UpstreamUnavailable").await;
     assert_eq!(ready_status(&failed), Some("False"));
-    let first_failure = Instant::now();
-    env.wait_ready("wif").await;
+    assert!(ready_condition(&failed).unwrap().message.contains("429"));
+    let retried = when_calls_reach(2).await;
+    let gap = retried - refused;
     assert!(
-        first_failure.elapsed() >= Duration::from_secs(3),
-        "retried after {:?}",
-        first_failure.elapsed()
+        gap >= Duration::from_millis(3900),
+        "retried {gap:?} after a Retry-After of 4 s"
     );
+
+    let ready = env.wait_ready("wif").await;
     assert_eq!(env.google.calls(Endpoint::Sts), 2, "one refused call, one retry");
+    assert_eq!(ready_reason(&ready), Some("Issued"));
     env.assert_no_token_leaked().await;
 }
 
@@ -524,6 +540,13 @@ async fn permanent_failures_are_reported_with_their_reason() {
     )
     .await;
     env.create("nosource", json!({"flow": {"developerConnect": {"accountConnector": CONNECTOR}}, "source": {"secret": {"name": "absent", "key": "token"}}})).await;
+    env.google.add_data_connector(DATA_CONNECTOR);
+    env.google.fail_next(Endpoint::AcquireAccessToken, 1, Fault::EmptyToken);
+    env.create(
+        "empty",
+        json!({"flow": {"discoveryEngine": {"dataConnector": DATA_CONNECTOR}}, "source": source}),
+    )
+    .await;
 
     let denied = env.wait_reason("denied", "PermissionDenied").await;
     assert!(
@@ -534,6 +557,8 @@ async fn permanent_failures_are_reported_with_their_reason() {
         "Google's text is shown"
     );
     env.wait_reason("missing", "NotFound").await;
+    let empty = env.wait_reason("empty", "UpstreamRejected").await;
+    assert!(ready_condition(&empty).unwrap().message.contains("held no token"));
     let revoked = env.wait_reason("revoked", "UpstreamRejected").await;
     assert!(
         ready_condition(&revoked)

@@ -393,15 +393,17 @@ impl<'a> Reconciler<'a> {
             1
         };
         let valid_until = valid.map(|t| t.record.expires_at);
+        // Counted from the failure, not from the start of the reconcile, so Retry-After holds.
+        let failed_at = Timestamp::now();
         let delay = refresh::retry_delay(
             attempts,
             failure.class(),
             failure.retry_after(),
-            self.now,
+            failed_at,
             valid_until,
             fastrand::f64(),
         );
-        let next_attempt = self.now.checked_add(delay).unwrap_or(self.now);
+        let next_attempt = refresh::next_whole_second(failed_at.checked_add(delay).unwrap_or(failed_at));
         warn!(namespace = %self.namespace, name = %self.name, attempts, error = %failure, retry_in = ?delay, "obtaining a token failed");
         self.publish(EventType::Warning, failure.reason().as_str(), failure.to_string())
             .await;
@@ -424,7 +426,7 @@ impl<'a> Reconciler<'a> {
         };
         let mut status = self.base_status(spec, ready, reason, message);
         status.failed_attempts = Some(attempts);
-        status.last_failure_time = Some(Time(self.now));
+        status.last_failure_time = Some(Time(failed_at));
         status.next_refresh_time = Some(Time(next_attempt));
         if valid.is_none() {
             status.token_fingerprint = None;
