@@ -55,7 +55,7 @@ pub fn refresh_point(
     let jitter_bound = (lifetime / 20).min(MAX_JITTER);
     let jitter = jitter_bound.mul_f64(unit_hash(object_key));
     let before = (renew_before + jitter).min(lifetime);
-    expires_at.checked_sub(before).unwrap_or(issued_at).max(issued_at)
+    whole_second(expires_at.checked_sub(before).unwrap_or(issued_at).max(issued_at))
 }
 
 /// The expiry to assume when the API returned none.
@@ -94,6 +94,13 @@ pub fn retry_delay(
     }
     // The server's Retry-After wins even near expiry: calling earlier only earns another refusal.
     delay.max(retry_after.unwrap_or_default()).max(MIN_DELAY)
+}
+
+/// `at`, rounded down to a whole second. Every time the operator computes goes through this (or
+/// `next_whole_second`): the apiserver stores times to the second, and a value with a fraction
+/// would never compare equal to what was stored, so an unchanged status would be written again.
+pub fn whole_second(at: Timestamp) -> Timestamp {
+    Timestamp::from_second(at.as_second()).unwrap_or(at)
 }
 
 /// `at`, rounded up to a whole second: the status stores times to the second, and a retry time
@@ -155,11 +162,18 @@ mod tests {
         let points: std::collections::BTreeSet<_> = (0..50)
             .map(|i| refresh_point(ts(0), ts(3600), &pct(33), &format!("ns/tr-{i}")))
             .collect();
+        // Whole seconds within a 60 s window: 50 objects share some, but spread over most of it.
         assert!(
-            points.len() > 40,
+            points.len() > 25,
             "only {} distinct refresh points for 50 objects",
             points.len()
         );
+        let spread = points
+            .last()
+            .unwrap()
+            .duration_since(*points.first().unwrap())
+            .as_secs();
+        assert!(spread >= 45, "refresh points spread over {spread}s only");
     }
 
     #[test]
@@ -177,7 +191,19 @@ mod tests {
     fn short_tokens_keep_short_jitter() {
         let at = refresh_point(ts(0), ts(20), &pct(33), "k");
         let before = ts(20).duration_since(at).as_secs_f64();
-        assert!((6.6..=7.6).contains(&before), "{before}");
+        // 33% of 20 s, up to 1 s of jitter, and up to 1 s more from rounding down to a second.
+        assert!((6.6..=8.6).contains(&before), "{before}");
+    }
+
+    #[test]
+    fn refresh_points_are_whole_seconds() {
+        let issued: Timestamp = "2026-01-01T00:00:00.7Z".parse().unwrap();
+        let at = refresh_point(issued, ts(3600), &pct(33), "k");
+        assert_eq!(at.subsec_nanosecond(), 0);
+        assert_eq!(
+            whole_second("2026-01-01T00:00:04.9Z".parse().unwrap()),
+            "2026-01-01T00:00:04Z".parse().unwrap()
+        );
     }
 
     #[test]

@@ -171,7 +171,13 @@ fn controller_for(
     let metrics = metrics.clone();
     Controller::for_stream(token_requests, tr_reader)
         .watches_stream(secrets, move |secret| triggered_by_secret(&mapper_store, &secret))
-        .with_config(controller::Config::default().concurrency(settings.concurrency))
+        .with_config(
+            controller::Config::default()
+                .concurrency(settings.concurrency)
+                // Our own Secret and status writes come back as two watch events right after a
+                // mint; one reconcile after both is enough, and sees the fresh status.
+                .debounce(Duration::from_millis(500)),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(move |result| {

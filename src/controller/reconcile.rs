@@ -124,7 +124,7 @@ impl<'a> Reconciler<'a> {
             ctx,
             namespace: tr.namespace().unwrap_or_default(),
             name: tr.name_any(),
-            now: Timestamp::now(),
+            now: refresh::whole_second(Timestamp::now()),
             status: tr.status.clone().unwrap_or_default(),
         }
     }
@@ -294,7 +294,7 @@ impl<'a> Reconciler<'a> {
             expires_at: caller_expiry,
         } = self.sources().resolve(&spec.source).await?;
         let google = &self.ctx.google;
-        let issued_at = Timestamp::now();
+        let issued_at = refresh::whole_second(Timestamp::now());
         let issued = match &spec.flow {
             Flow::Sts(p) => google.sts_exchange(p, &caller).await?,
             Flow::Impersonation(p) => google.generate_access_token(&caller, p).await?,
@@ -316,6 +316,7 @@ impl<'a> Reconciler<'a> {
         let expires_at = issued
             .expires_at
             .or(inherited)
+            .map(refresh::whole_second)
             .unwrap_or_else(|| refresh::assumed_expiry(issued_at, &spec.refresh));
         Ok(TokenRecord {
             token: issued.token,
@@ -426,7 +427,7 @@ impl<'a> Reconciler<'a> {
         };
         let mut status = self.base_status(spec, ready, reason, message);
         status.failed_attempts = Some(attempts);
-        status.last_failure_time = Some(Time(failed_at));
+        status.last_failure_time = Some(Time(refresh::whole_second(failed_at)));
         status.next_refresh_time = Some(Time(next_attempt));
         if valid.is_none() {
             status.token_fingerprint = None;

@@ -4,3 +4,4 @@
 
 pub mod control_plane;
 pub mod emulator;
+pub mod operator;

@@ -3,18 +3,14 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::{
-    net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use gcp_token_operator::{
     crd::TokenRequest,
     testkit::{
         control_plane::{ControlPlane, apply_crds, create_namespace, wait_for},
         emulator::GoogleEmulator,
+        operator::{OperatorOptions, OperatorProcess},
     },
 };
 use k8s_openapi::api::core::v1::{Event, Secret};
@@ -34,7 +30,7 @@ pub struct Env {
     pub client: Client,
     pub namespace: String,
     pub google: GoogleEmulator,
-    pub operator: Option<Operator>,
+    pub operator: Option<OperatorProcess>,
     logs: tempfile::TempDir,
     runs: usize,
 }
@@ -65,7 +61,17 @@ impl Env {
     pub fn start_operator(&mut self) {
         self.runs += 1;
         let log_path = self.logs.path().join(format!("operator-{}.log", self.runs));
-        self.operator = Some(Operator::spawn(self, log_path));
+        let options = OperatorOptions {
+            binary: Path::new(env!("CARGO_BIN_EXE_gcp-token-operator")),
+            kubeconfig: self.control_plane.kubeconfig_path(),
+            namespaces: std::slice::from_ref(&self.namespace),
+            google: &self.google.base_url(),
+            log_path,
+            // Debug lines too, so the leak check covers everything the operator can log.
+            log_filter: "info,gcp_token_operator=debug",
+            extra_args: &["--concurrency", "4"],
+        };
+        self.operator = Some(OperatorProcess::spawn(options).expect("starting the operator binary"));
     }
 
     /// Kills the operator at once (SIGKILL), as a crash or an eviction would.
@@ -224,86 +230,4 @@ pub fn fingerprint(tr: &TokenRequest) -> Option<String> {
 pub fn secret_token(secret: &Secret) -> String {
     let data = secret.data.as_ref().expect("Secret data");
     String::from_utf8(data["token"].0.clone()).expect("UTF-8 token")
-}
-
-/// The operator binary, running against the test's control plane and emulator.
-pub struct Operator {
-    child: Child,
-    pub http_addr: String,
-    pub log_path: PathBuf,
-}
-
-impl Operator {
-    fn spawn(env: &Env, log_path: PathBuf) -> Operator {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let http_addr = format!("127.0.0.1:{port}");
-        let log = std::fs::File::create(&log_path).expect("operator log file");
-        let google = env.google.base_url();
-        let child = Command::new(env!("CARGO_BIN_EXE_gcp-token-operator"))
-            .args([
-                "run",
-                "--namespace",
-                &env.namespace,
-                "--http-addr",
-                &http_addr,
-                "--concurrency",
-                "4",
-            ])
-            .args(["--sts-endpoint", &google, "--iam-credentials-endpoint", &google])
-            .args([
-                "--developer-connect-endpoint",
-                &google,
-                "--discovery-engine-endpoint",
-                &google,
-            ])
-            .args(["--oauth2-endpoint", &google, "--metadata-endpoint", &google])
-            .env("KUBECONFIG", env.control_plane.kubeconfig_path())
-            .env("RUST_LOG", "info,gcp_token_operator=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting the operator binary");
-        Operator {
-            child,
-            http_addr,
-            log_path,
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// GET on the operator's HTTP server.
-    pub async fn get(&self, path: &str) -> (u16, String) {
-        let response = reqwest::get(format!("http://{}{path}", self.http_addr))
-            .await
-            .expect("operator HTTP");
-        (response.status().as_u16(), response.text().await.unwrap())
-    }
-
-    /// Waits until `/readyz` answers 200: the operator's caches have synced.
-    pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while tokio::time::Instant::now() < deadline {
-            if let Ok(r) = reqwest::get(format!("http://{}/readyz", self.http_addr)).await
-                && r.status().is_success()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "the operator never became ready; log:\n{}",
-            std::fs::read_to_string(&self.log_path).unwrap_or_default()
-        );
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
