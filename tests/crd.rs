@@ -59,3 +59,16 @@ fn schema_carries_names_columns_and_rules() {
     let types = &props["secret"]["properties"]["type"]["enum"];
     assert_eq!(types, &serde_json::json!(["Opaque", "kubernetes.io/dockerconfigjson"]));
 }
+
+#[test]
+fn the_crd_subcommand_prints_the_committed_crd() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gcp-token-operator"))
+        .arg("crd")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap(),
+        std::fs::read_to_string(CRD_PATH).unwrap()
+    );
+}

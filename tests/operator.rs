@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use gcp_token_operator::testkit::{
-    control_plane::wait_for_deletion,
+    control_plane::{mint_token, wait_for_deletion},
     emulator::{Endpoint, Fault},
 };
 use k8s_openapi::api::core::v1::Secret;
@@ -186,6 +186,83 @@ async fn chain_sts_impersonation_developer_connect() {
         Endpoint::FetchAccessToken
     );
     assert_eq!(git.metadata.labels.as_ref().unwrap()["team"], "build");
+    env.assert_no_token_leaked().await;
+}
+
+/// The flow and source pairs the other tests do not cover, each to Ready with a token from the
+/// right endpoint: sts from a JWT in a Secret and from another TokenRequest's access token (which
+/// STS answers without expiry: the subject's expiry is inherited), Developer Connect from a
+/// Secret, Discovery Engine from another TokenRequest.
+#[tokio::test]
+async fn every_other_flow_and_source_pair() {
+    let mut env = Env::new("pairs").await;
+    env.google.add_account_connector(CONNECTOR);
+    env.google.add_data_connector(DATA_CONNECTOR);
+    let (jwt, _) = mint_token(&env.client, &env.namespace, "default", &[AUDIENCE], 3600)
+        .await
+        .unwrap();
+    env.put_secret("k8s-jwt", "jwt", &jwt).await;
+    let caller = env.caller_token().await;
+    env.put_secret("caller", "token", &caller).await;
+    env.start_operator();
+    let cases = [
+        (
+            "sts-secret",
+            json!({"flow": {"sts": {"audience": AUDIENCE}}, "source": {"secret": {"name": "k8s-jwt", "key": "jwt"}}}),
+            Endpoint::Sts,
+        ),
+        (
+            "sts-downscoped",
+            json!({
+            "flow": {"sts": {"audience": AUDIENCE, "subjectTokenType": "urn:ietf:params:oauth:token-type:access_token",
+                             "accessBoundary": {"accessBoundaryRules": [{"availableResource": "//storage.googleapis.com/projects/_/buckets/b",
+                                                                          "availablePermissions": ["inRole:roles/storage.objectViewer"]}]}}},
+            "source": {"tokenRequest": {"name": "sts-secret"}}}),
+            Endpoint::Sts,
+        ),
+        (
+            "git-secret",
+            json!({"flow": {"developerConnect": {"accountConnector": CONNECTOR}}, "source": {"secret": {"name": "caller", "key": "token"}}}),
+            Endpoint::FetchAccessToken,
+        ),
+        (
+            "agent-chained",
+            json!({"flow": {"discoveryEngine": {"dataConnector": DATA_CONNECTOR}}, "source": {"tokenRequest": {"name": "sts-secret"}}}),
+            Endpoint::AcquireAccessToken,
+        ),
+    ];
+    for (name, spec, _) in &cases {
+        env.create(name, spec.clone()).await;
+    }
+    for (name, _, endpoint) in &cases {
+        env.wait_ready(name).await;
+        let token = secret_token(&env.secret(name).await);
+        let info = env
+            .google
+            .token_info(&token)
+            .unwrap_or_else(|| panic!("{name}: not an issued token"));
+        assert_eq!(info.endpoint, *endpoint, "{name}");
+    }
+    let upstream = env.wait_ready("sts-secret").await.status.unwrap().expiration_time;
+    let downscoped = env.wait_ready("sts-downscoped").await.status.unwrap().expiration_time;
+    assert_eq!(
+        downscoped, upstream,
+        "no expires_in from STS: the subject token's expiry applies"
+    );
+    let request = env
+        .google
+        .requests()
+        .into_iter()
+        .rfind(|r| r.endpoint == Some(Endpoint::Sts))
+        .unwrap();
+    let form: std::collections::HashMap<String, String> = url::form_urlencoded::parse(request.body.as_bytes())
+        .into_owned()
+        .collect();
+    let options: serde_json::Value = serde_json::from_str(&form["options"]).unwrap();
+    assert_eq!(
+        options["accessBoundary"]["accessBoundaryRules"][0]["availablePermissions"][0],
+        "inRole:roles/storage.objectViewer"
+    );
     env.assert_no_token_leaked().await;
 }
 
