@@ -1,6 +1,6 @@
 //! Command line: `run` (the default) and `crd`.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use url::Url;
@@ -42,6 +42,22 @@ pub struct RunArgs {
     pub http_addr: SocketAddr,
     #[arg(long, env = "GCP_TOKEN_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Elect a leader among replicas with a Lease; only the leader reconciles.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the Lease used for leader election.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_LEASE_NAME", default_value = "gcp-token-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease. Default: the operator's own namespace in a cluster, else the
+    /// kubeconfig context's.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long a lease lasts without renewal: the longest a dead leader delays its successor.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// How long before expiry the leader renews its lease.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_LEASE_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_grace: Duration,
     /// Security Token Service base URL.
     #[arg(
         long,
@@ -118,7 +134,13 @@ mod tests {
             "http://127.0.0.1:9000",
             "--log-format",
             "json",
+            "--leader-elect",
+            "--lease-duration",
+            "20s",
         ]);
+        assert!(cli.run.leader_elect);
+        assert_eq!(cli.run.lease_duration, Duration::from_secs(20));
+        assert_eq!(cli.run.lease_grace, Duration::from_secs(5));
         assert!(cli.command.is_none());
         assert_eq!(cli.run.namespaces, vec!["a", "b"]);
         assert_eq!(cli.run.endpoints().sts.as_str(), "http://127.0.0.1:9000/");

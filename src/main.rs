@@ -1,4 +1,7 @@
-use std::sync::{Arc, atomic::AtomicBool};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -8,6 +11,7 @@ use gcp_token_operator::{
     crd_yaml,
     google::GoogleClient,
     http,
+    leader::{self, LeaseSettings, Outcome},
     metrics::Metrics,
     telemetry,
 };
@@ -42,16 +46,50 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let server = tokio::spawn(http::serve(args.http_addr, metrics.clone(), ready.clone()));
     let instance = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
+    let lease = args.leader_elect.then(|| LeaseSettings {
+        name: args.lease_name.clone(),
+        namespace: args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string()),
+        // Unique even for two processes on one host.
+        identity: format!("{instance}_{}", std::process::id()),
+        duration: args.lease_duration,
+        grace: args.lease_grace,
+    });
     let settings = Settings {
         namespaces: args.namespaces,
         concurrency: args.concurrency,
         instance,
     };
+    let reconcile = controller::run(client.clone(), google, metrics, settings, ready.clone());
+    let work = async {
+        let Some(lease) = lease else {
+            reconcile.await;
+            return Ok(());
+        };
+        // A standby is healthy and ready to take over; it reports ready so rollouts proceed.
+        ready.store(true, Ordering::Relaxed);
+        match leader::run_as_leader(client, lease, shutdown_signal(), reconcile).await? {
+            Outcome::Finished(()) | Outcome::ShutDown => Ok(()),
+            Outcome::Lost => anyhow::bail!("lost the leader lease; exiting so that only the new leader writes"),
+        }
+    };
     tokio::select! {
-        () = controller::run(client, google, metrics, settings, ready) => Ok(()),
+        result = work => result,
         result = server => {
             result.context("the HTTP server task failed")?.context("the HTTP server failed")
         }
+    }
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -111,6 +111,16 @@ impl OperatorProcess {
         (per_second > 0).then(|| ticks as f64 / per_second as f64)
     }
 
+    /// Asks the process to stop (SIGTERM, as Kubernetes does) and waits until it has.
+    pub fn terminate(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let pid = libc::pid_t::try_from(self.pid()).map_err(std::io::Error::other)?;
+        // SAFETY: sends a signal to our own child process.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.child.wait()
+    }
+
     /// Kills the process at once (SIGKILL), as a crash or an eviction would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -59,8 +59,15 @@ impl Env {
 
     /// Starts the operator binary (again), watching this test's namespace only.
     pub fn start_operator(&mut self) {
+        self.operator = Some(self.spawn_operator(&[]));
+    }
+
+    /// Starts one more operator process for this namespace with extra flags; its log joins
+    /// `operator_log`.
+    pub fn spawn_operator(&mut self, extra_args: &[&str]) -> OperatorProcess {
         self.runs += 1;
         let log_path = self.logs.path().join(format!("operator-{}.log", self.runs));
+        let args: Vec<&str> = ["--concurrency", "4"].iter().chain(extra_args).copied().collect();
         let options = OperatorOptions {
             binary: Path::new(env!("CARGO_BIN_EXE_gcp-token-operator")),
             kubeconfig: self.control_plane.kubeconfig_path(),
@@ -69,9 +76,9 @@ impl Env {
             log_path,
             // Debug lines too, so the leak check covers everything the operator can log.
             log_filter: "info,gcp_token_operator=debug",
-            extra_args: &["--concurrency", "4"],
+            extra_args: &args,
         };
-        self.operator = Some(OperatorProcess::spawn(options).expect("starting the operator binary"));
+        OperatorProcess::spawn(options).expect("starting the operator binary")
     }
 
     /// Kills the operator at once (SIGKILL), as a crash or an eviction would.
