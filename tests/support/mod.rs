@@ -25,8 +25,8 @@ pub const AUDIENCE: &str =
 pub const WAIT: Duration = Duration::from_secs(60);
 
 /// One test's world: its own namespace and emulator, and an operator watching that namespace.
-pub struct Env {
-    pub control_plane: &'static ControlPlane,
+pub struct Env<'a> {
+    pub control_plane: &'a ControlPlane,
     pub client: Client,
     pub namespace: String,
     pub google: GoogleEmulator,
@@ -35,9 +35,16 @@ pub struct Env {
     runs: usize,
 }
 
-impl Env {
-    pub async fn new(prefix: &str) -> Env {
-        let control_plane = ControlPlane::shared();
+impl Env<'static> {
+    /// On the control plane shared by the test binary.
+    pub async fn new(prefix: &str) -> Env<'static> {
+        Env::on(ControlPlane::shared(), prefix).await
+    }
+}
+
+impl<'a> Env<'a> {
+    /// On a control plane of the test's own (e.g. one the test restarts).
+    pub async fn on(control_plane: &'a ControlPlane, prefix: &str) -> Env<'a> {
         let client = control_plane.client().await;
         apply_crds(&client, &[TokenRequest::crd()])
             .await
