@@ -40,7 +40,10 @@ async fn operator_survives_an_apiserver_restart() {
     let down = outage.elapsed();
     eprintln!("apiserver down for {down:?}");
     let refresh_due = issued.status.as_ref().unwrap().next_refresh_time.clone().unwrap().0;
-    assert!(refresh_due < Timestamp::now(), "the refresh fell due while the apiserver was away");
+    assert!(
+        refresh_due < Timestamp::now(),
+        "the refresh fell due while the apiserver was away"
+    );
 
     // A new client: the old one's connections died with the apiserver.
     env.client = control_plane.client().await;
