@@ -20,6 +20,20 @@ if ! command -v kubectl >/dev/null; then
   as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client
 fi
 
+# The chart tests drive Helm's Go library through helm-sdkpy (there is no helm binary in the
+# package registries); it lives in a virtualenv of its own, so no system Python is touched.
+helm_python="${XDG_CACHE_HOME:-$HOME/.cache}/gcp-token-operator/helm-sdkpy"
+if ! "$helm_python/bin/python" -c 'import helm_sdkpy' 2>/dev/null; then
+  log "installing helm-sdkpy into $helm_python"
+  if ! python3 -c 'import ensurepip' 2>/dev/null; then
+    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv
+  fi
+  python3 -m venv "$helm_python"
+  # It declares Python >= 3.12 but works on Debian 12's 3.11.
+  "$helm_python/bin/pip" install -q --ignore-requires-python helm-sdkpy==0.1.32
+fi
+export GCP_TOKEN_OPERATOR_PYTHON="$helm_python/bin/python"
+
 # Build artifacts live outside the repository so that fresh clones (CI) start warm.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gcp-token-operator/target}"
 

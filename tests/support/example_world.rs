@@ -1,0 +1,102 @@
+//! The world the manifests in `examples/` expect: what the Google emulator must know (the
+//! workload identity provider, the service accounts the examples impersonate and who may, the
+//! connectors), and `kubectl apply` of the examples into a namespace.
+//!
+//! Shared by the tests (`tests/examples.rs`, `tests/chart.rs`) and the local demo
+//! (`src/bin/dev-env.rs` includes this file), so the demo runs exactly what the tests prove.
+
+use std::path::{Path, PathBuf};
+
+use gcp_token_operator::{crd::TokenRequest, testkit::emulator::GoogleEmulator};
+
+/// The directory of example manifests.
+pub const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+
+/// The STS audience of `examples/sts-serviceaccounttoken.yaml`.
+pub const AUDIENCE: &str =
+    "//iam.googleapis.com/projects/123456/locations/global/workloadIdentityPools/pool/providers/k8s";
+/// The Google service accounts the impersonation examples name.
+const SERVICE_ACCOUNTS: [&str; 3] = [
+    "deployer@demo-project.iam.gserviceaccount.com",
+    "puller@demo-project.iam.gserviceaccount.com",
+    "reader@demo-project.iam.gserviceaccount.com",
+];
+const ACCOUNT_CONNECTOR: &str = "projects/demo-project/locations/us-central1/accountConnectors/github";
+const DATA_CONNECTOR: &str = "projects/demo-project/locations/global/collections/jira/dataConnector";
+/// The Kubernetes ServiceAccount whose federated identity the impersonation examples use.
+const FEDERATED_SERVICE_ACCOUNT: &str = "builder";
+
+/// Registers with `google` everything the examples reference, as Google would know it once the
+/// pool, the IAM bindings and the connectors are set up, for the examples applied in `namespace`.
+pub fn register(google: &GoogleEmulator, namespace: &str) {
+    google.add_workload_identity_provider(AUDIENCE);
+    // The federated principal of the ServiceAccount, holding the token-creator role.
+    let pool = AUDIENCE
+        .strip_prefix("//iam.googleapis.com/")
+        .and_then(|path| path.split_once("/providers/"))
+        .map(|(pool, _)| pool)
+        .expect("AUDIENCE is a provider name");
+    let principal = format!(
+        "principal://iam.googleapis.com/{pool}/subject/system:serviceaccount:{namespace}:{FEDERATED_SERVICE_ACCOUNT}"
+    );
+    for email in SERVICE_ACCOUNTS {
+        google.add_service_account(email, &[&principal]);
+    }
+    google.add_account_connector(ACCOUNT_CONNECTOR);
+    google.add_data_connector(DATA_CONNECTOR);
+}
+
+/// The example manifests, in name order.
+pub fn files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(EXAMPLES_DIR)
+        .expect("reading examples/")
+        .map(|entry| entry.expect("an entry of examples/").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every TokenRequest in the examples, as the Rust types read it.
+pub fn token_requests() -> Vec<TokenRequest> {
+    files()
+        .iter()
+        .flat_map(|path| {
+            let text = std::fs::read_to_string(path).expect("reading an example");
+            let documents: Vec<serde_json::Value> =
+                serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()));
+            documents
+        })
+        .filter(|document| document["kind"] == "TokenRequest")
+        .map(|document| serde_json::from_value(document).expect("an example TokenRequest matches the CRD types"))
+        .collect()
+}
+
+/// `kubectl apply` of every example into `namespace`; stdout on success, else an error that
+/// quotes kubectl. Client-side validation is off because kubectl's is newer than the 1.20 test
+/// control plane.
+pub async fn apply(kubeconfig: &Path, namespace: &str) -> Result<String, String> {
+    let output = tokio::process::Command::new("kubectl")
+        .args([
+            "apply",
+            "--validate=false",
+            "--namespace",
+            namespace,
+            "--filename",
+            EXAMPLES_DIR,
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .await
+        .map_err(|e| format!("running kubectl: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "kubectl apply failed ({}):\n{stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
