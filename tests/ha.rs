@@ -26,7 +26,7 @@ fn holds(lease: &Lease, operator: &OperatorProcess) -> bool {
     holder.ends_with(&format!("_{}", operator.pid()))
 }
 
-async fn wait_holder(env: &Env, operator: &OperatorProcess) -> Instant {
+async fn wait_holder(env: &Env<'_>, operator: &OperatorProcess) -> Instant {
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
     let deadline = Instant::now() + WAIT;
     loop {
@@ -56,7 +56,7 @@ fn tokens_obtained(operator: &OperatorProcess) -> usize {
 
 /// Waits until every TokenRequest holds a token other than the one in `before`, checking all the
 /// while that each Secret's token is unexpired.
-async fn wait_all_refreshed(env: &Env, before: &[Option<String>]) {
+async fn wait_all_refreshed(env: &Env<'_>, before: &[Option<String>]) {
     let deadline = Instant::now() + WAIT;
     loop {
         let mut fresh = 0;
@@ -79,7 +79,7 @@ async fn wait_all_refreshed(env: &Env, before: &[Option<String>]) {
     }
 }
 
-async fn fingerprints(env: &Env) -> Vec<Option<String>> {
+async fn fingerprints(env: &Env<'_>) -> Vec<Option<String>> {
     let mut all = Vec::new();
     for name in NAMES {
         all.push(fingerprint(&env.token_requests().get(name).await.unwrap()));

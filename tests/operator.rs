@@ -352,7 +352,7 @@ async fn short_lived_tokens_are_refreshed_again_and_again() {
 }
 
 /// The resourceVersions of these TokenRequests and of their Secrets: any write changes one.
-async fn resource_versions(env: &Env, names: &[&str]) -> Vec<Option<String>> {
+async fn resource_versions(env: &Env<'_>, names: &[&str]) -> Vec<Option<String>> {
     let mut versions = Vec::new();
     for name in names {
         versions.push(env.secret(name).await.metadata.resource_version);
