@@ -1,11 +1,16 @@
 //! Command line: `run` (the default) and `crd`.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use url::Url;
 
-use crate::{google::Endpoints, telemetry::LogFormat};
+use crate::{
+    google::Endpoints,
+    source::Ambient,
+    telemetry::LogFormat,
+    validation::{Policy, ServiceAccountRef},
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -97,6 +102,21 @@ pub struct RunArgs {
         default_value = "http://metadata.google.internal"
     )]
     pub metadata_endpoint: Url,
+    /// Namespace whose TokenRequests may use the operator's own Google identity
+    /// (`source.ambient`); repeat for several. Default: none.
+    #[arg(
+        long = "ambient-namespace",
+        env = "GCP_TOKEN_OPERATOR_AMBIENT_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub ambient_namespaces: Vec<String>,
+    /// The operator's own Google identity as a service_account or authorized_user file, as
+    /// Application Default Credentials read it. Default: the metadata server.
+    #[arg(long, env = "GOOGLE_APPLICATION_CREDENTIALS")]
+    pub ambient_credentials_file: Option<PathBuf>,
+    /// The operator's own ServiceAccount, NAMESPACE/NAME: never a source for a TokenRequest.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_SERVICE_ACCOUNT")]
+    pub operator_service_account: Option<ServiceAccountRef>,
 }
 
 impl RunArgs {
@@ -109,6 +129,19 @@ impl RunArgs {
             oauth2: self.oauth2_endpoint.clone(),
             metadata: self.metadata_endpoint.clone(),
         }
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            ambient_namespaces: self.ambient_namespaces.iter().cloned().collect(),
+            own_service_account: self.operator_service_account.clone(),
+        }
+    }
+
+    pub fn ambient(&self) -> Ambient {
+        self.ambient_credentials_file
+            .clone()
+            .map_or(Ambient::MetadataServer, Ambient::File)
     }
 }
 
@@ -137,7 +170,24 @@ mod tests {
             "--leader-elect",
             "--lease-duration",
             "20s",
+            "--ambient-namespace",
+            "team-a,team-b",
+            "--operator-service-account",
+            "ops/gcp-token-operator",
         ]);
+        let policy = cli.run.policy();
+        assert_eq!(
+            policy.ambient_namespaces.iter().collect::<Vec<_>>(),
+            ["team-a", "team-b"]
+        );
+        assert_eq!(
+            policy.own_service_account,
+            Some(ServiceAccountRef {
+                namespace: "ops".into(),
+                name: "gcp-token-operator".into()
+            })
+        );
+        assert!(Cli::try_parse_from(["gcp-token-operator", "--operator-service-account", "no-slash"]).is_err());
         assert!(cli.run.leader_elect);
         assert_eq!(cli.run.lease_duration, Duration::from_secs(20));
         assert_eq!(cli.run.lease_grace, Duration::from_secs(5));

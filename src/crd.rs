@@ -85,6 +85,26 @@ pub struct StsFlow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     pub user_project: Option<String>,
+    /// Then impersonate a Google service account with the federated token (IAM Credentials
+    /// generateAccessToken), in the same TokenRequest. `scopes` are then the final token's scopes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_impersonation: Option<StsImpersonation>,
+}
+
+/// The impersonation step of Workload Identity Federation, as in an `external_account` file with
+/// `service_account_impersonation_url`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StsImpersonation {
+    /// Email or unique id of the Google service account to impersonate.
+    #[schemars(length(min = 1))]
+    pub service_account: String,
+    /// Delegation chain, as service account emails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delegates: Vec<String>,
+    /// Requested lifetime, e.g. `1h` (default); at most `12h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<String>,
 }
 
 /// The subject token types STS documents.
@@ -190,8 +210,8 @@ pub struct DiscoveryEngineFlow {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(
-    "[has(self.serviceAccountToken), has(self.secret), has(self.tokenRequest)].filter(x, x).size() == 1"
-).message("exactly one of serviceAccountToken, secret, tokenRequest must be set"))]
+    "[has(self.serviceAccountToken), has(self.secret), has(self.tokenRequest), has(self.ambient)].filter(x, x).size() == 1"
+).message("exactly one of serviceAccountToken, secret, tokenRequest, ambient must be set"))]
 pub struct SourceSpec {
     /// A Kubernetes ServiceAccount token minted with the TokenRequest API; only as an STS subject token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -202,7 +222,15 @@ pub struct SourceSpec {
     /// The access token currently held by another TokenRequest of the same namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_request: Option<TokenRequestSource>,
+    /// The operator's own Google identity (the metadata server, or the credentials file given to
+    /// the operator). Only in namespaces the operator's administrator allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ambient: Option<AmbientSource>,
 }
+
+/// No settings: which identity is the operator's choice, not the tenant's.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct AmbientSource {}
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -220,6 +248,62 @@ pub struct ServiceAccountTokenSource {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeySource {
+    pub name: String,
+    pub key: String,
+    /// What the key holds. Default `auto`: a Google credential file when it is JSON with a `type`
+    /// field, else a token.
+    // Not an Option, for the reason given at `subjectTokenType`.
+    #[serde(default, skip_serializing_if = "SecretFormat::is_auto")]
+    pub format: SecretFormat,
+    /// `externalAccount` files only: where the subject token exchanged at STS comes from. The
+    /// file's own `credential_source` is never used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_token: Option<SubjectTokenSource>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SecretFormat {
+    #[default]
+    Auto,
+    /// A Google access token.
+    AccessToken,
+    /// A JWT (e.g. an OIDC token), as the subject token of `sts`.
+    Jwt,
+    /// A service account key file (`"type": "service_account"`).
+    ServiceAccountKey,
+    /// An `authorized_user` file (client id, client secret, refresh token), as `gcloud auth
+    /// application-default login` writes it.
+    AuthorizedUser,
+    /// An `external_account` file (Workload Identity Federation), as `gcloud iam
+    /// workload-identity-pools create-cred-config` writes it.
+    ExternalAccount,
+}
+
+impl SecretFormat {
+    pub fn is_auto(&self) -> bool {
+        *self == Self::Auto
+    }
+}
+
+/// The subject token of an `externalAccount` file. Exactly one member must be set.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "[has(self.serviceAccountToken), has(self.secret)].filter(x, x).size() == 1"
+).message("exactly one of serviceAccountToken, secret must be set"))]
+pub struct SubjectTokenSource {
+    /// A ServiceAccount token of this namespace; its audience defaults to the file's `audience`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_token: Option<ServiceAccountTokenSource>,
+    /// A token stored in a Secret of the same namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretKeyRef>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
     pub name: String,
     pub key: String,
 }

@@ -6,12 +6,14 @@
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod credentials;
 pub mod google;
 pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod refresh;
 pub mod render;
+pub mod singleflight;
 pub mod source;
 pub mod status;
 pub mod telemetry;

@@ -58,6 +58,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         grace: args.lease_grace,
     });
     let settings = Settings {
+        policy: args.policy(),
+        ambient: args.ambient(),
         namespaces: args.namespaces,
         concurrency: args.concurrency,
         instance,

@@ -209,7 +209,7 @@ mod tests {
     use super::*;
     use crate::{
         crd::{SecretSpec, TokenRequestSpec},
-        validation::validate,
+        validation::{Placement, Policy, validate},
     };
 
     fn token_request(secret: SecretSpec) -> TokenRequest {
@@ -235,7 +235,12 @@ mod tests {
 
     fn render(secret: SecretSpec, token: &str) -> (Secret, ValidSpec) {
         let tr = token_request(secret);
-        let spec = validate(&tr.spec, "tr").unwrap();
+        let at = Placement {
+            namespace: "ns",
+            name: "tr",
+            policy: &Policy::default(),
+        };
+        let spec = validate(&tr.spec, &at).unwrap();
         (desired_secret(&tr, &spec, &record(token)), spec)
     }
 

@@ -1,5 +1,11 @@
 //! The credential that authenticates a call to Google, resolved from `spec.source`. Every reference
 //! resolves in the TokenRequest's own namespace.
+//!
+//! Credentials the operator mints itself (from credential files, or as its own identity) are kept
+//! until their refresh point and shared by every TokenRequest that presents the same credential
+//! material for the same scopes; identical mints in flight are made once.
+
+use std::{path::PathBuf, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -13,19 +19,55 @@ use kube::{
     api::PostParams,
     runtime::reflector::{ObjectRef, Store},
 };
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
-    crd::TokenRequest,
-    refresh::ErrorClass,
+    crd::{SecretFormat, TokenRequest},
+    credentials::{self, Content, CredentialFile, FileError},
+    google::{GoogleClient, GoogleError, IssuedToken},
+    refresh::{self, ErrorClass},
     render::stored_token,
-    validation::{Source, validate},
+    singleflight::{Key, SingleFlight},
+    status::Reason,
+    validation::{
+        DEFAULT_RENEW_BEFORE_PERCENTAGE, Placement, Policy, RefreshPolicy, RenewBefore, Source, SubjectToken, validate,
+    },
 };
 
+/// Secrets of this type hold a ServiceAccount's long-lived token; never a source.
+const SERVICE_ACCOUNT_TOKEN_TYPE: &str = "kubernetes.io/service-account-token";
+
 /// A caller credential, with its expiry when known.
+#[derive(Clone)]
 pub struct Credential {
     pub token: SecretString,
     pub expires_at: Option<Timestamp>,
+    /// The key it is kept under, when the operator minted it from a credential file or its own
+    /// identity.
+    pub kept_as: Option<Key>,
+}
+
+impl Credential {
+    fn given(token: SecretString, expires_at: Option<Timestamp>) -> Self {
+        Self {
+            token,
+            expires_at,
+            kept_as: None,
+        }
+    }
+}
+
+/// Credentials the operator minted, by key.
+pub type KeptCredentials = SingleFlight<Credential, SourceError>;
+
+/// Where the operator's own Google identity (`source.ambient`) comes from.
+#[derive(Clone, Debug, Default)]
+pub enum Ambient {
+    /// The GCE/GKE metadata server.
+    #[default]
+    MetadataServer,
+    /// A `service_account` or `authorized_user` file given to the operator.
+    File(PathBuf),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +96,30 @@ pub enum SourceError {
     TokenRequestNotFound { name: String },
     #[error("TokenRequest {name:?} holds no valid token yet")]
     TokenRequestNotReady { name: String },
+    #[error("{origin}: {source}")]
+    File {
+        origin: String,
+        #[source]
+        source: FileError,
+    },
+    #[error(
+        "Secret {name:?} holds a ServiceAccount's long-lived token, which is never a source; \
+         use source.serviceAccountToken, which mints a short-lived token for one audience"
+    )]
+    ServiceAccountTokenSecret { name: String },
+    #[error("{origin} holds an external_account file: spec.source.secret.subjectToken must name its subject token")]
+    NoSubjectToken { origin: String },
+    #[error("{origin} holds no external_account file: spec.source.secret.subjectToken is not used with it")]
+    SubjectTokenUnused { origin: String },
+    #[error("the operator's credentials file is unusable: {0}")]
+    AmbientFile(String),
+    #[error("obtaining a token for {identity} ({origin}) failed: {source}")]
+    Exchange {
+        identity: String,
+        origin: String,
+        #[source]
+        source: GoogleError,
+    },
 }
 
 impl SourceError {
@@ -64,95 +130,208 @@ impl SourceError {
                 source: kube::Error::Api(s),
                 ..
             } if s.code < 500 && s.code != 429 => ErrorClass::Permanent,
+            _ if self.is_spec_problem() => ErrorClass::Permanent,
+            Self::Exchange { source, .. } => source.class(),
             _ => ErrorClass::Transient,
+        }
+    }
+
+    /// The status condition reason: what the source holds is the spec's problem; what Google
+    /// says of it is reported as Google's answer.
+    pub fn reason(&self) -> Reason {
+        match self {
+            _ if self.is_spec_problem() => Reason::InvalidSpec,
+            Self::Exchange { source, .. } => source.reason(),
+            _ => Reason::SourceNotReady,
+        }
+    }
+
+    /// The source exists but cannot serve as the spec says: only a change fixes it.
+    fn is_spec_problem(&self) -> bool {
+        matches!(
+            self,
+            Self::File { .. }
+                | Self::ServiceAccountTokenSecret { .. }
+                | Self::NoSubjectToken { .. }
+                | Self::SubjectTokenUnused { .. }
+        )
+    }
+
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Exchange { source, .. } => source.retry_after(),
+            _ => None,
         }
     }
 }
 
-/// Where sources are looked up.
+/// Where sources are looked up, and what the operator keeps of them.
 pub struct Sources<'a> {
     pub client: &'a Client,
     pub namespace: &'a str,
     pub token_requests: &'a Store<TokenRequest>,
     pub managed_secrets: &'a Store<Secret>,
+    pub policy: &'a Policy,
+    pub google: &'a GoogleClient,
+    pub kept: &'a KeptCredentials,
+    pub ambient: &'a Ambient,
 }
 
 impl Sources<'_> {
-    pub async fn resolve(&self, source: &Source) -> Result<Credential, SourceError> {
+    /// The caller credential `source` stands for. `scopes` are those of a credential the operator
+    /// mints itself (see `validation::caller_scopes`).
+    pub async fn resolve(&self, source: &Source, scopes: &[String]) -> Result<Credential, Arc<SourceError>> {
         match source {
             Source::ServiceAccountToken {
                 service_account_name,
                 audience,
                 expiration_seconds,
-            } => {
-                self.service_account_token(service_account_name, audience, *expiration_seconds)
-                    .await
-            }
-            Source::Secret { name, key } => self.secret_key(name, key).await,
-            Source::TokenRequest { name } => self.token_request(name),
+            } => Ok(mint_service_account_token(
+                self.client,
+                self.namespace,
+                service_account_name,
+                audience,
+                *expiration_seconds,
+            )
+            .await?),
+            Source::Secret {
+                name,
+                key,
+                format,
+                subject_token,
+            } => self.secret(name, key, *format, subject_token.as_ref(), scopes).await,
+            Source::TokenRequest { name } => Ok(self.token_request(name)?),
+            Source::Ambient => self.ambient(scopes).await,
         }
     }
 
-    async fn service_account_token(
+    /// Forgets a kept credential that Google did not accept, so that the next attempt mints anew.
+    pub fn forget(&self, credential: &Credential) {
+        if let Some(key) = &credential.kept_as {
+            self.kept.forget(key);
+        }
+    }
+
+    async fn secret(
         &self,
         name: &str,
-        audience: &str,
-        expiration_seconds: i64,
-    ) -> Result<Credential, SourceError> {
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), self.namespace);
-        let request = KubeTokenRequest {
-            spec: KubeTokenRequestSpec {
-                audiences: vec![audience.to_string()],
-                expiration_seconds: Some(expiration_seconds),
-                bound_object_ref: None,
-            },
-            ..Default::default()
+        key: &str,
+        format: SecretFormat,
+        subject_token: Option<&SubjectToken>,
+        scopes: &[String],
+    ) -> Result<Credential, Arc<SourceError>> {
+        let value = read_secret_key(self.client, self.namespace, name, key).await?;
+        let origin = format!("Secret {name:?} key {key:?}");
+        let content = credentials::parse(value.expose_secret(), format, self.google.endpoints()).map_err(|source| {
+            SourceError::File {
+                origin: origin.clone(),
+                source,
+            }
+        })?;
+        let exchange = match (content, subject_token) {
+            (Content::Token(token), None) => return Ok(Credential::given(token, None)),
+            (Content::File(CredentialFile::ExternalAccount(file)), Some(subject)) => {
+                Exchange::Federation(file, self.subject(subject).await?)
+            }
+            (Content::File(CredentialFile::ExternalAccount(_)), None) => {
+                return Err(SourceError::NoSubjectToken { origin }.into());
+            }
+            (Content::File(CredentialFile::ServiceAccountKey(key)), None) => Exchange::ServiceAccountKey(key),
+            (Content::File(CredentialFile::AuthorizedUser(user)), None) => Exchange::AuthorizedUser(user),
+            (_, Some(_)) => return Err(SourceError::SubjectTokenUnused { origin }.into()),
         };
-        let response: KubeTokenRequest = api
-            .create_subresource("token", name, &PostParams::default(), &request)
+        self.mint(exchange, value.expose_secret().as_bytes(), scopes, origin)
             .await
-            .map_err(|e| match e {
-                kube::Error::Api(s) if s.is_not_found() => SourceError::ServiceAccountNotFound { name: name.into() },
-                e => SourceError::MintServiceAccountToken {
-                    name: name.into(),
-                    source: e,
-                },
-            })?;
-        let status = response.status.filter(|s| !s.token.is_empty());
-        let status = status.ok_or_else(|| SourceError::EmptyServiceAccountToken { name: name.into() })?;
-        Ok(Credential {
-            token: SecretString::from(status.token),
-            expires_at: Some(status.expiration_timestamp.0),
+    }
+
+    /// A subject token in a Secret is read now: its value is part of the key the federated token
+    /// is kept under. A ServiceAccount token is minted only when the exchange is made.
+    async fn subject(&self, subject: &SubjectToken) -> Result<Subject, SourceError> {
+        Ok(match subject {
+            SubjectToken::Secret { name, key } => {
+                Subject::Given(read_secret_key(self.client, self.namespace, name, key).await?)
+            }
+            SubjectToken::ServiceAccountToken {
+                service_account_name,
+                audience,
+                expiration_seconds,
+            } => Subject::ServiceAccount {
+                name: service_account_name.clone(),
+                audience: audience.clone(),
+                expiration_seconds: *expiration_seconds,
+            },
         })
     }
 
-    async fn secret_key(&self, name: &str, key: &str) -> Result<Credential, SourceError> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), self.namespace);
-        let secret = api
-            .get_opt(name)
-            .await
-            .map_err(|e| SourceError::ReadSecret {
-                name: name.into(),
-                source: e,
-            })?
-            .ok_or_else(|| SourceError::SecretNotFound { name: name.into() })?;
-        let missing = || SourceError::SecretKeyMissing {
-            name: name.into(),
-            key: key.into(),
+    /// The operator's own identity: its credentials file, or the metadata server.
+    async fn ambient(&self, scopes: &[String]) -> Result<Credential, Arc<SourceError>> {
+        let Ambient::File(path) = self.ambient else {
+            return self
+                .mint(Exchange::MetadataServer, &[], scopes, "metadata server".into())
+                .await;
         };
-        let value = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(missing)?;
-        // Token files often end with a newline, which is not part of the token.
-        let token = String::from_utf8(value.0.clone())
-            .map_err(|_| missing())?
-            .trim()
-            .to_string();
-        if token.is_empty() {
-            return Err(missing());
-        }
-        Ok(Credential {
-            token: SecretString::from(token),
-            expires_at: None,
-        })
+        let unusable = |problem: String| Arc::new(SourceError::AmbientFile(problem));
+        let value = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| unusable(format!("reading it failed: {e}")))?;
+        let exchange = match credentials::parse(&value, SecretFormat::Auto, self.google.endpoints()) {
+            Ok(Content::File(CredentialFile::ServiceAccountKey(key))) => Exchange::ServiceAccountKey(key),
+            Ok(Content::File(CredentialFile::AuthorizedUser(user))) => Exchange::AuthorizedUser(user),
+            Ok(_) => return Err(unusable("it is not a service_account or authorized_user file".into())),
+            Err(e) => return Err(unusable(e.to_string())),
+        };
+        let origin = "the operator's credentials file".to_string();
+        self.mint(exchange, value.as_bytes(), scopes, origin).await
+    }
+
+    /// Mints a credential from `material` once for everyone who presents the same material for
+    /// the same scopes, and keeps it until its refresh point.
+    async fn mint(
+        &self,
+        exchange: Exchange,
+        material: &[u8],
+        scopes: &[String],
+        origin: String,
+    ) -> Result<Credential, Arc<SourceError>> {
+        let key = exchange.key(self.namespace, scopes, material);
+        let identity = exchange.identity();
+        let (google, client, namespace) = (self.google.clone(), self.client.clone(), self.namespace.to_string());
+        let scopes = scopes.to_vec();
+        let call = async move {
+            let issued = match exchange {
+                Exchange::ServiceAccountKey(sa) => {
+                    let audience = google.endpoints().oauth_token_url();
+                    let assertion =
+                        sa.assertion(&scopes, &audience, Timestamp::now().as_second())
+                            .map_err(|source| SourceError::File {
+                                origin: origin.clone(),
+                                source,
+                            })?;
+                    google.jwt_bearer(&assertion, &scopes).await
+                }
+                Exchange::AuthorizedUser(user) => {
+                    google
+                        .refresh_access_token(&user.client_id, &user.client_secret, &user.refresh_token, &scopes)
+                        .await
+                }
+                Exchange::Federation(file, subject) => {
+                    let subject = subject.token(&client, &namespace, &file.audience).await?;
+                    google.federate(&file.exchange(scopes), &subject).await
+                }
+                Exchange::MetadataServer => google.metadata_token(&scopes).await,
+            };
+            let IssuedToken { token, expires_at, .. } = issued.map_err(|source| SourceError::Exchange {
+                identity,
+                origin,
+                source,
+            })?;
+            Ok(Credential {
+                token,
+                expires_at,
+                kept_as: Some(key),
+            })
+        };
+        self.kept.get_or_call(key, call, kept_until).await
     }
 
     /// The token another TokenRequest currently holds: read from its Secret, and only if that
@@ -163,7 +342,12 @@ impl Sources<'_> {
             .token_requests
             .get(&ObjectRef::new(name).within(self.namespace))
             .ok_or_else(|| SourceError::TokenRequestNotFound { name: name.into() })?;
-        let spec = validate(&upstream.spec, name).map_err(|_| not_ready())?;
+        let at = Placement {
+            namespace: self.namespace,
+            name,
+            policy: self.policy,
+        };
+        let spec = validate(&upstream.spec, &at).map_err(|_| not_ready())?;
         let secret = self
             .managed_secrets
             .get(&ObjectRef::new(&spec.secret.name).within(self.namespace))
@@ -178,10 +362,7 @@ impl Sources<'_> {
         if stored.record.expires_at <= Timestamp::now() {
             return Err(not_ready());
         }
-        Ok(Credential {
-            token: stored.record.token,
-            expires_at: Some(stored.record.expires_at),
-        })
+        Ok(Credential::given(stored.record.token, Some(stored.record.expires_at)))
     }
 
     /// When the upstream TokenRequest of a `tokenRequest` source last obtained a token, if known.
@@ -191,5 +372,230 @@ impl Sources<'_> {
         };
         let upstream = self.token_requests.get(&ObjectRef::new(name).within(self.namespace))?;
         upstream.status.as_ref()?.last_refresh_time.as_ref().map(|t| t.0)
+    }
+}
+
+/// How a credential the operator mints is obtained.
+enum Exchange {
+    /// A service account key signs a JWT, exchanged at the OAuth token endpoint.
+    ServiceAccountKey(credentials::ServiceAccountKey),
+    /// An authorized user's refresh token, at the OAuth token endpoint.
+    AuthorizedUser(credentials::AuthorizedUser),
+    /// An external_account file: STS, then impersonation if the file says so.
+    Federation(credentials::ExternalAccount, Subject),
+    MetadataServer,
+}
+
+/// The subject token of an external_account file.
+enum Subject {
+    Given(SecretString),
+    ServiceAccount {
+        name: String,
+        /// `None`: the file's audience.
+        audience: Option<String>,
+        expiration_seconds: i64,
+    },
+}
+
+impl Subject {
+    async fn token(self, client: &Client, namespace: &str, file_audience: &str) -> Result<SecretString, SourceError> {
+        match self {
+            Self::Given(token) => Ok(token),
+            Self::ServiceAccount {
+                name,
+                audience,
+                expiration_seconds,
+            } => {
+                let audience = audience.as_deref().unwrap_or(file_audience);
+                let minted = mint_service_account_token(client, namespace, &name, audience, expiration_seconds).await?;
+                Ok(minted.token)
+            }
+        }
+    }
+}
+
+impl Exchange {
+    /// Who the minted credential stands for, in words safe to show.
+    fn identity(&self) -> String {
+        match self {
+            Self::ServiceAccountKey(key) => {
+                format!("service account {} (key {})", key.client_email, key.private_key_id)
+            }
+            Self::AuthorizedUser(user) => format!("the authorized user of OAuth client {}", user.client_id),
+            Self::Federation(file, _) => format!("workload identity provider {}", file.audience),
+            Self::MetadataServer => "the operator's own identity".into(),
+        }
+    }
+
+    /// The key the minted credential is kept under: who it is for, the scopes, and all the
+    /// material it is minted from. Only those who present the same material share it, so no
+    /// tenant obtains a token it could not have minted itself. A ServiceAccount subject token is
+    /// minted afresh each time, so its ServiceAccount (and namespace) stands in for it.
+    fn key(&self, namespace: &str, scopes: &[String], material: &[u8]) -> Key {
+        let subject = match self {
+            Self::Federation(_, Subject::Given(token)) => token.expose_secret().as_bytes().to_vec(),
+            Self::Federation(
+                _,
+                Subject::ServiceAccount {
+                    name,
+                    audience,
+                    expiration_seconds,
+                },
+            ) => format!("{namespace}/{name} {audience:?} {expiration_seconds}").into_bytes(),
+            _ => Vec::new(),
+        };
+        let identity = self.identity();
+        Key::of(&[identity.as_bytes(), scopes.join(" ").as_bytes(), material, &subject])
+    }
+}
+
+/// A kept credential is fresh until the point a TokenRequest would refresh it (with the default
+/// policy); the rest of its lifetime is left for the tokens minted with it.
+fn kept_until(credential: &Credential) -> Option<Timestamp> {
+    const POLICY: RefreshPolicy = RefreshPolicy {
+        renew_before: RenewBefore::Percentage(DEFAULT_RENEW_BEFORE_PERCENTAGE),
+        lifetime_when_unknown: std::time::Duration::ZERO,
+    };
+    let expires_at = credential.expires_at?;
+    Some(refresh::refresh_point(Timestamp::now(), expires_at, &POLICY, ""))
+}
+
+/// A ServiceAccount token of `namespace`, minted with the Kubernetes TokenRequest API.
+async fn mint_service_account_token(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    audience: &str,
+    expiration_seconds: i64,
+) -> Result<Credential, SourceError> {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let request = KubeTokenRequest {
+        spec: KubeTokenRequestSpec {
+            audiences: vec![audience.to_string()],
+            expiration_seconds: Some(expiration_seconds),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let response: KubeTokenRequest = api
+        .create_subresource("token", name, &PostParams::default(), &request)
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(s) if s.is_not_found() => SourceError::ServiceAccountNotFound { name: name.into() },
+            e => SourceError::MintServiceAccountToken {
+                name: name.into(),
+                source: e,
+            },
+        })?;
+    let status = response.status.filter(|s| !s.token.is_empty());
+    let status = status.ok_or_else(|| SourceError::EmptyServiceAccountToken { name: name.into() })?;
+    Ok(Credential::given(
+        SecretString::from(status.token),
+        Some(status.expiration_timestamp.0),
+    ))
+}
+
+/// The value under `key` of Secret `name` in `namespace`, trimmed.
+async fn read_secret_key(client: &Client, namespace: &str, name: &str, key: &str) -> Result<SecretString, SourceError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(|e| SourceError::ReadSecret {
+            name: name.into(),
+            source: e,
+        })?
+        .ok_or_else(|| SourceError::SecretNotFound { name: name.into() })?;
+    // A ServiceAccount's long-lived token (such as the operator's own) would reach Google, which
+    // does not need it, and it never expires.
+    if secret.type_.as_deref() == Some(SERVICE_ACCOUNT_TOKEN_TYPE) {
+        return Err(SourceError::ServiceAccountTokenSecret { name: name.into() });
+    }
+    let missing = || SourceError::SecretKeyMissing {
+        name: name.into(),
+        key: key.into(),
+    };
+    let value = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(missing)?;
+    // Token files often end with a newline, which is not part of the token.
+    let value = String::from_utf8(value.0.clone()).map_err(|_| missing())?;
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(missing());
+    }
+    Ok(SecretString::from(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{crd::SubjectTokenType, credentials::ExternalAccount};
+
+    fn user() -> Exchange {
+        Exchange::AuthorizedUser(credentials::AuthorizedUser {
+            client_id: "client".into(),
+            client_secret: SecretString::from("secret"),
+            refresh_token: SecretString::from("refresh"),
+        })
+    }
+
+    fn federation(subject: Subject) -> Exchange {
+        let file = ExternalAccount {
+            audience: "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k".into(),
+            subject_token_type: SubjectTokenType::Jwt,
+            options: None,
+            impersonate: None,
+            impersonation_lifetime: Duration::from_secs(3600),
+        };
+        Exchange::Federation(file, subject)
+    }
+
+    fn service_account(name: &str) -> Subject {
+        Subject::ServiceAccount {
+            name: name.into(),
+            audience: None,
+            expiration_seconds: 3600,
+        }
+    }
+
+    #[test]
+    fn kept_credentials_are_keyed_by_identity_scopes_and_material() {
+        let scopes = |s: &str| vec![s.to_string()];
+        let key = |e: &Exchange, ns: &str, s: &str, material: &[u8]| e.key(ns, &scopes(s), material);
+        // The same file for the same scopes is one credential, whichever namespace presents it.
+        assert_eq!(key(&user(), "a", "x", b"file"), key(&user(), "b", "x", b"file"));
+        assert_ne!(key(&user(), "a", "x", b"file"), key(&user(), "a", "y", b"file"));
+        // Same client id, other material (e.g. a rotated secret): another credential.
+        assert_ne!(key(&user(), "a", "x", b"file"), key(&user(), "a", "x", b"file v2"));
+        assert_ne!(
+            key(&user(), "a", "x", b""),
+            key(&Exchange::MetadataServer, "a", "x", b"")
+        );
+    }
+
+    #[test]
+    fn federated_credentials_are_keyed_by_their_subject() {
+        let scopes = ["x".to_string()];
+        let app = |ns: &str| federation(service_account("app")).key(ns, &scopes, b"file");
+        assert_eq!(app("a"), app("a"));
+        assert_ne!(app("a"), app("b"), "a ServiceAccount subject belongs to its namespace");
+        assert_ne!(
+            app("a"),
+            federation(service_account("other")).key("a", &scopes, b"file")
+        );
+        let given = |token: &str| federation(Subject::Given(SecretString::from(token))).key("a", &scopes, b"file");
+        assert_eq!(given("jwt-1"), given("jwt-1"));
+        assert_ne!(given("jwt-1"), given("jwt-2"));
+    }
+
+    #[test]
+    fn kept_until_the_default_refresh_point() {
+        let expires_at = Timestamp::now().checked_add(Duration::from_secs(3000)).unwrap();
+        let until = kept_until(&Credential::given(SecretString::from("t"), Some(expires_at))).unwrap();
+        let left = expires_at.duration_since(until).as_secs();
+        // 33% of the lifetime, plus up to 60 s of jitter and 1 s of rounding.
+        assert!((990..=1051).contains(&left), "kept until {left}s before expiry");
+        assert_eq!(kept_until(&Credential::given(SecretString::from("t"), None)), None);
     }
 }

@@ -1,18 +1,24 @@
 //! Turns a `TokenRequestSpec` into a `ValidSpec`: every constraint checked, every default applied.
 //! Pure: no I/O, so an invalid spec is reported without calling Google or the apiserver.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{AccessBoundary, RefreshSpec, SecretSpec, SecretType, SourceSpec, SubjectTokenType, TokenRequestSpec};
+use crate::crd::{
+    AccessBoundary, RefreshSpec, SecretFormat, SecretSpec, SecretType, ServiceAccountTokenSource, SourceSpec,
+    SubjectTokenSource, SubjectTokenType, TokenRequestSpec,
+};
 
 pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
-const DEFAULT_RENEW_BEFORE_PERCENTAGE: u8 = 33;
+pub const DEFAULT_RENEW_BEFORE_PERCENTAGE: u8 = 33;
 const DEFAULT_LIFETIME_WHEN_UNKNOWN: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_IMPERSONATION_LIFETIME: Duration = Duration::from_secs(3600);
-const MAX_IMPERSONATION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+pub const MAX_IMPERSONATION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 const DEFAULT_SA_TOKEN_EXPIRATION: i64 = 3600;
 const DEFAULT_TOKEN_KEY: &str = "token";
 /// Keys the operator writes next to the token in an Opaque Secret.
@@ -60,10 +66,32 @@ impl Flow {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StsParams {
     pub audience: String,
+    /// Scopes of the exchange (cloud-platform when impersonation follows).
     pub scopes: Vec<String>,
     pub subject_token_type: SubjectTokenType,
     /// The `options` request field: serialized JSON, as STS wants it.
     pub options: Option<String>,
+    /// generateAccessToken with the federated token, in the same mint.
+    // Left out of the hash when absent, so that specs written before it existed keep their hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub impersonation: Option<ImpersonationParams>,
+}
+
+impl StsParams {
+    /// Followed by impersonation, STS is asked for cloud-platform as Google's libraries do; the
+    /// impersonation carries the scopes of the final token.
+    pub fn with_impersonation(mut self, impersonation: Option<ImpersonationParams>) -> Self {
+        if impersonation.is_some() {
+            self.scopes = vec![CLOUD_PLATFORM_SCOPE.to_string()];
+        }
+        self.impersonation = impersonation;
+        self
+    }
+
+    /// The scopes of the token this exchange ends with.
+    pub fn final_scopes(&self) -> &[String] {
+        self.impersonation.as_ref().map_or(&self.scopes, |i| &i.scopes)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -85,10 +113,76 @@ pub enum Source {
     Secret {
         name: String,
         key: String,
+        // Left out of the hash when `auto`, as before the field existed.
+        #[serde(skip_serializing_if = "SecretFormat::is_auto")]
+        format: SecretFormat,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        subject_token: Option<SubjectToken>,
     },
     TokenRequest {
         name: String,
     },
+    /// The operator's own Google identity.
+    Ambient,
+}
+
+/// Where the subject token of an `external_account` file comes from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum SubjectToken {
+    ServiceAccountToken {
+        service_account_name: String,
+        /// `None`: the file's audience.
+        audience: Option<String>,
+        expiration_seconds: i64,
+    },
+    Secret {
+        name: String,
+        key: String,
+    },
+}
+
+/// Operator settings that decide what a TokenRequest may ask for.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Namespaces whose TokenRequests may use the operator's own Google identity (`source.ambient`).
+    pub ambient_namespaces: BTreeSet<String>,
+    /// The operator's own ServiceAccount, which is never a source.
+    pub own_service_account: Option<ServiceAccountRef>,
+}
+
+/// The setting that allows `source.ambient`, as InvalidSpec messages name it.
+pub const AMBIENT_SETTING: &str = "--ambient-namespace (GCP_TOKEN_OPERATOR_AMBIENT_NAMESPACES)";
+
+/// A ServiceAccount, written `NAMESPACE/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccountRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::str::FromStr for ServiceAccountRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((namespace, name)) if is_dns_subdomain(namespace) && is_dns_subdomain(name) => Ok(Self {
+                namespace: namespace.into(),
+                name: name.into(),
+            }),
+            _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+        }
+    }
+}
+
+/// The scopes a source credential minted by the operator (from a credential file or the ambient
+/// identity) is asked for, following Google's libraries: the scopes of the `sts` exchange when it
+/// is the subject token (a Credential Access Boundary keeps them), else cloud-platform, which the
+/// IAM Credentials, Developer Connect and Discovery Engine calls all accept.
+pub fn caller_scopes(flow: &Flow) -> Vec<String> {
+    match flow {
+        Flow::Sts(sts) => sts.scopes.clone(),
+        _ => vec![CLOUD_PLATFORM_SCOPE.to_string()],
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -131,11 +225,20 @@ impl Problems {
     }
 }
 
-/// Validates `spec` of the TokenRequest named `own_name`.
-pub fn validate(spec: &TokenRequestSpec, own_name: &str) -> Result<ValidSpec, InvalidSpec> {
+/// Where a TokenRequest is and what the operator allows it: what validation depends on besides
+/// the spec.
+pub struct Placement<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub policy: &'a Policy,
+}
+
+/// Validates `spec` of the TokenRequest at `at`.
+pub fn validate(spec: &TokenRequestSpec, at: &Placement<'_>) -> Result<ValidSpec, InvalidSpec> {
+    let own_name = at.name;
     let mut p = Problems::default();
     let flow = validate_flow(spec, &mut p);
-    let source = validate_source(&spec.source, flow.as_ref(), own_name, &mut p);
+    let source = validate_source(&spec.source, flow.as_ref(), at, &mut p);
     let secret = validate_secret(&spec.secret, own_name, &mut p);
     let refresh = validate_refresh(&spec.refresh, &mut p);
     match (flow, source) {
@@ -193,48 +296,38 @@ fn validate_flow(spec: &TokenRequestSpec, p: &mut Problems) -> Option<Flow> {
         } else {
             sts.scopes.clone()
         };
-        return Some(Flow::Sts(StsParams {
+        let impersonation = sts.service_account_impersonation.as_ref().map(|imp| {
+            let target = Target {
+                service_account: &imp.service_account,
+                delegates: &imp.delegates,
+                lifetime: imp.lifetime.as_deref(),
+            };
+            target.validate("spec.flow.sts.serviceAccountImpersonation", scopes.clone(), p)
+        });
+        let params = StsParams {
             audience: sts.audience.clone(),
             scopes,
             subject_token_type: sts.subject_token_type,
             options,
-        }));
+            impersonation: None,
+        };
+        return Some(Flow::Sts(params.with_impersonation(impersonation)));
     }
     if let Some(imp) = &f.impersonation {
-        p.check(is_service_account(&imp.service_account), || {
-            format!(
-                "spec.flow.impersonation.serviceAccount {:?} is neither a service account email nor a numeric unique id",
-                imp.service_account
-            )
-        });
-        for d in &imp.delegates {
-            p.check(is_service_account(d), || {
-                format!("spec.flow.impersonation.delegates: {d:?} is not a service account email or unique id")
-            });
-        }
         p.check(!imp.scopes.is_empty(), || {
             "spec.flow.impersonation.scopes must name at least one scope".into()
         });
         validate_scopes(&imp.scopes, "spec.flow.impersonation.scopes", p);
-        let lifetime = match &imp.lifetime {
-            None => DEFAULT_IMPERSONATION_LIFETIME,
-            Some(text) => parse_duration(text, "spec.flow.impersonation.lifetime", p).unwrap_or_default(),
+        let target = Target {
+            service_account: &imp.service_account,
+            delegates: &imp.delegates,
+            lifetime: imp.lifetime.as_deref(),
         };
-        if imp.lifetime.is_some() && lifetime != Duration::ZERO {
-            p.check(lifetime <= MAX_IMPERSONATION_LIFETIME, || {
-                "spec.flow.impersonation.lifetime must be at most 12h".into()
-            });
-        }
-        return Some(Flow::Impersonation(ImpersonationParams {
-            service_account: imp.service_account.clone(),
-            delegates: imp
-                .delegates
-                .iter()
-                .map(|d| format!("projects/-/serviceAccounts/{d}"))
-                .collect(),
-            scopes: imp.scopes.clone(),
-            lifetime,
-        }));
+        return Some(Flow::Impersonation(target.validate(
+            "spec.flow.impersonation",
+            imp.scopes.clone(),
+            p,
+        )));
     }
     if let Some(dc) = &f.developer_connect {
         p.check(
@@ -267,14 +360,15 @@ fn validate_flow(spec: &TokenRequestSpec, p: &mut Problems) -> Option<Flow> {
     })
 }
 
-fn validate_source(spec: &SourceSpec, flow: Option<&Flow>, own_name: &str, p: &mut Problems) -> Option<Source> {
+fn validate_source(spec: &SourceSpec, flow: Option<&Flow>, at: &Placement<'_>, p: &mut Problems) -> Option<Source> {
     let set = [
         spec.service_account_token.is_some(),
         spec.secret.is_some(),
         spec.token_request.is_some(),
+        spec.ambient.is_some(),
     ];
     if set.iter().filter(|s| **s).count() != 1 {
-        p.0.push("spec.source: exactly one of serviceAccountToken, secret, tokenRequest must be set".into());
+        p.0.push("spec.source: exactly one of serviceAccountToken, secret, tokenRequest, ambient must be set".into());
         return None;
     }
     if let Some(sat) = &spec.service_account_token {
@@ -282,15 +376,7 @@ fn validate_source(spec: &SourceSpec, flow: Option<&Flow>, own_name: &str, p: &m
             p.0.push("spec.source.serviceAccountToken is only valid as the subject token of the sts flow".into());
             return None;
         };
-        check_name(
-            &sat.service_account_name,
-            "spec.source.serviceAccountToken.serviceAccountName",
-            p,
-        );
-        let expiration_seconds = sat.expiration_seconds.unwrap_or(DEFAULT_SA_TOKEN_EXPIRATION);
-        p.check((600..172_800).contains(&expiration_seconds), || {
-            "spec.source.serviceAccountToken.expirationSeconds must be at least 600 and below 172800 (48h)".into()
-        });
+        let expiration_seconds = validate_service_account_token(sat, "spec.source.serviceAccountToken", at, p);
         return Some(Source::ServiceAccountToken {
             service_account_name: sat.service_account_name.clone(),
             audience: sat.audience.clone().unwrap_or_else(|| sts.audience.clone()),
@@ -302,17 +388,187 @@ fn validate_source(spec: &SourceSpec, flow: Option<&Flow>, own_name: &str, p: &m
         p.check(is_secret_key(&secret.key), || {
             format!("spec.source.secret.key {:?} is not a valid Secret key", secret.key)
         });
+        let yields = match secret.format {
+            SecretFormat::Auto => None,
+            SecretFormat::Jwt => Some(Yields::Jwt),
+            _ => Some(Yields::AccessToken),
+        };
+        if let Some(yields) = yields {
+            check_fits_flow(yields, flow, "spec.source.secret.format", p);
+        }
+        let subject_token = match (&secret.subject_token, secret.format) {
+            (Some(subject), SecretFormat::Auto | SecretFormat::ExternalAccount) => {
+                validate_subject_token(subject, at, p)
+            }
+            (Some(_), _) => {
+                p.0.push("spec.source.secret.subjectToken is only valid with format externalAccount (or auto)".into());
+                None
+            }
+            (None, SecretFormat::ExternalAccount) => {
+                p.0.push(
+                    "spec.source.secret.subjectToken is required with format externalAccount: the operator never \
+                     uses the file's credential_source"
+                        .into(),
+                );
+                None
+            }
+            (None, _) => None,
+        };
         return Some(Source::Secret {
             name: secret.name.clone(),
             key: secret.key.clone(),
+            format: secret.format,
+            subject_token,
         });
+    }
+    if spec.ambient.is_some() {
+        p.check(at.policy.ambient_namespaces.contains(at.namespace), || {
+            format!(
+                "spec.source.ambient: the operator's own Google identity is not available in namespace {:?}; \
+                 the operator's administrator allows it per namespace with {AMBIENT_SETTING}",
+                at.namespace
+            )
+        });
+        check_fits_flow(Yields::AccessToken, flow, "spec.source.ambient", p);
+        return Some(Source::Ambient);
     }
     let tr = spec.token_request.as_ref()?;
     check_name(&tr.name, "spec.source.tokenRequest.name", p);
-    p.check(tr.name != own_name, || {
+    p.check(tr.name != at.name, || {
         "spec.source.tokenRequest.name must not name this TokenRequest".into()
     });
+    check_fits_flow(Yields::AccessToken, flow, "spec.source.tokenRequest", p);
     Some(Source::TokenRequest { name: tr.name.clone() })
+}
+
+/// What kind of token a source hands to the flow.
+#[derive(Clone, Copy, PartialEq)]
+enum Yields {
+    AccessToken,
+    Jwt,
+}
+
+/// A Google access token is an STS subject only as `access_token` (to apply an access boundary);
+/// a JWT authenticates nothing but an STS exchange.
+fn check_fits_flow(yields: Yields, flow: Option<&Flow>, at: &str, p: &mut Problems) {
+    let sts_subject_type = match flow {
+        Some(Flow::Sts(sts)) => Some(sts.subject_token_type),
+        Some(_) => None,
+        None => return,
+    };
+    match yields {
+        Yields::AccessToken => p.check(
+            sts_subject_type.is_none_or(|t| t == SubjectTokenType::AccessToken),
+            || {
+                format!(
+                    "{at}: a Google access token is an sts subject token only with subjectTokenType {}",
+                    SubjectTokenType::AccessToken.urn()
+                )
+            },
+        ),
+        Yields::Jwt => p.check(
+            sts_subject_type.is_some_and(|t| t != SubjectTokenType::AccessToken),
+            || format!("{at}: a JWT is only valid as the subject token of the sts flow"),
+        ),
+    }
+}
+
+/// Checks a ServiceAccount token source and returns its lifetime.
+fn validate_service_account_token(
+    sat: &ServiceAccountTokenSource,
+    at_field: &str,
+    at: &Placement<'_>,
+    p: &mut Problems,
+) -> i64 {
+    check_name(&sat.service_account_name, &format!("{at_field}.serviceAccountName"), p);
+    let own = at.policy.own_service_account.as_ref();
+    p.check(
+        own.is_none_or(|own| own.namespace != at.namespace || own.name != sat.service_account_name),
+        || {
+            format!(
+                "{at_field}.serviceAccountName: {:?} is the operator's own ServiceAccount, which is never a source",
+                sat.service_account_name
+            )
+        },
+    );
+    let expiration_seconds = sat.expiration_seconds.unwrap_or(DEFAULT_SA_TOKEN_EXPIRATION);
+    p.check((600..172_800).contains(&expiration_seconds), || {
+        format!("{at_field}.expirationSeconds must be at least 600 and below 172800 (48h)")
+    });
+    expiration_seconds
+}
+
+fn validate_subject_token(spec: &SubjectTokenSource, at: &Placement<'_>, p: &mut Problems) -> Option<SubjectToken> {
+    const AT: &str = "spec.source.secret.subjectToken";
+    match (&spec.service_account_token, &spec.secret) {
+        (Some(sat), None) => {
+            let expiration_seconds = validate_service_account_token(sat, &format!("{AT}.serviceAccountToken"), at, p);
+            Some(SubjectToken::ServiceAccountToken {
+                service_account_name: sat.service_account_name.clone(),
+                audience: sat.audience.clone(),
+                expiration_seconds,
+            })
+        }
+        (None, Some(secret)) => {
+            check_name(&secret.name, &format!("{AT}.secret.name"), p);
+            p.check(is_secret_key(&secret.key), || {
+                format!("{AT}.secret.key {:?} is not a valid Secret key", secret.key)
+            });
+            Some(SubjectToken::Secret {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+            })
+        }
+        _ => {
+            p.0.push(format!("{AT}: exactly one of serviceAccountToken, secret must be set"));
+            None
+        }
+    }
+}
+
+/// A service account to impersonate, as the impersonation flow, the sts flow's
+/// `serviceAccountImpersonation` and external_account files name it.
+struct Target<'a> {
+    service_account: &'a str,
+    /// Emails.
+    delegates: &'a [String],
+    /// As written, e.g. `1h`; `None`: one hour.
+    lifetime: Option<&'a str>,
+}
+
+impl Target<'_> {
+    fn validate(&self, at: &str, scopes: Vec<String>, p: &mut Problems) -> ImpersonationParams {
+        p.check(is_service_account(self.service_account), || {
+            format!(
+                "{at}.serviceAccount {:?} is neither a service account email nor a numeric unique id",
+                self.service_account
+            )
+        });
+        for d in self.delegates {
+            p.check(is_service_account(d), || {
+                format!("{at}.delegates: {d:?} is not a service account email or unique id")
+            });
+        }
+        let lifetime = match self.lifetime {
+            None => DEFAULT_IMPERSONATION_LIFETIME,
+            Some(text) => parse_duration(text, &format!("{at}.lifetime"), p).unwrap_or_default(),
+        };
+        if self.lifetime.is_some() && lifetime != Duration::ZERO {
+            p.check(lifetime <= MAX_IMPERSONATION_LIFETIME, || {
+                format!("{at}.lifetime must be at most 12h")
+            });
+        }
+        ImpersonationParams {
+            service_account: self.service_account.to_string(),
+            delegates: self
+                .delegates
+                .iter()
+                .map(|d| format!("projects/-/serviceAccounts/{d}"))
+                .collect(),
+            scopes,
+            lifetime,
+        }
+    }
 }
 
 fn validate_secret(spec: &SecretSpec, own_name: &str, p: &mut Problems) -> SecretLayout {
@@ -427,7 +683,7 @@ fn validate_access_boundary(boundary: &AccessBoundary, p: &mut Problems) {
 }
 
 /// The STS `options` field: a JSON string, sent only when there is something in it.
-fn sts_options(boundary: Option<&AccessBoundary>, user_project: Option<&str>) -> Option<String> {
+pub fn sts_options(boundary: Option<&AccessBoundary>, user_project: Option<&str>) -> Option<String> {
     if boundary.is_none() && user_project.is_none() {
         return None;
     }
@@ -469,7 +725,7 @@ fn check_name(name: &str, at: &str, p: &mut Problems) {
     });
 }
 
-fn is_sts_audience(audience: &str) -> bool {
+pub fn is_sts_audience(audience: &str) -> bool {
     let Some(rest) = audience.strip_prefix("//iam.googleapis.com/") else {
         return false;
     };
@@ -491,7 +747,7 @@ fn is_sts_audience(audience: &str) -> bool {
     }
 }
 
-fn is_service_account(account: &str) -> bool {
+pub fn is_service_account(account: &str) -> bool {
     let is_id = !account.is_empty() && account.len() <= 32 && account.chars().all(|c| c.is_ascii_digit());
     let is_email = account
         .split_once('@')
@@ -590,13 +846,28 @@ mod tests {
         }
     }
 
+    fn check(spec: &TokenRequestSpec) -> Result<ValidSpec, InvalidSpec> {
+        check_with(spec, &Policy::default())
+    }
+
+    fn check_with(spec: &TokenRequestSpec, policy: &Policy) -> Result<ValidSpec, InvalidSpec> {
+        validate(
+            spec,
+            &Placement {
+                namespace: "ns",
+                name: "tr",
+                policy,
+            },
+        )
+    }
+
     fn problems(spec: &TokenRequestSpec) -> Vec<String> {
-        validate(spec, "tr").expect_err("spec should be invalid").problems
+        check(spec).expect_err("spec should be invalid").problems
     }
 
     #[test]
     fn sts_defaults() {
-        let v = validate(&sts_spec(), "tr").unwrap();
+        let v = check(&sts_spec()).unwrap();
         let Flow::Sts(sts) = &v.flow else {
             panic!("sts expected")
         };
@@ -662,7 +933,7 @@ mod tests {
         let mut spec = sts_spec();
         spec.flow.sts.as_mut().unwrap().audience =
             "//iam.googleapis.com/locations/global/workforcePools/wf/providers/p".into();
-        assert!(validate(&spec, "tr").is_ok());
+        assert!(check(&spec).is_ok());
     }
 
     #[test]
@@ -672,6 +943,7 @@ mod tests {
             secret: Some(SecretKeySource {
                 name: "caller".into(),
                 key: "token".into(),
+                ..Default::default()
             }),
             ..Default::default()
         };
@@ -684,7 +956,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let v = validate(&spec, "tr").unwrap();
+        let v = check(&spec).unwrap();
         let Flow::Impersonation(imp) = v.flow else { panic!() };
         assert_eq!(imp.lifetime, Duration::from_secs(1800));
         assert_eq!(
@@ -738,7 +1010,7 @@ mod tests {
         spec.secret.type_ = SecretType::DockerConfigJson;
         assert!(problems(&spec)[0].contains("at least one registry"));
         spec.secret.registries = vec!["us-docker.pkg.dev".into(), "localhost:5000".into()];
-        assert!(validate(&spec, "tr").is_ok());
+        assert!(check(&spec).is_ok());
         spec.secret.token_key = Some("tok".into());
         assert!(problems(&spec)[0].contains("only valid with type Opaque"));
 
@@ -756,7 +1028,7 @@ mod tests {
     fn refresh_rules() {
         let mut spec = sts_spec();
         spec.refresh.renew_before = Some("10m".into());
-        let v = validate(&spec, "tr").unwrap();
+        let v = check(&spec).unwrap();
         assert_eq!(v.refresh.renew_before, RenewBefore::Absolute(Duration::from_secs(600)));
         spec.refresh.renew_before_percentage = Some(20);
         assert!(problems(&spec)[0].contains("not both"));
@@ -777,7 +1049,7 @@ mod tests {
                 availability_condition: None,
             }],
         });
-        let v = validate(&spec, "tr").unwrap();
+        let v = check(&spec).unwrap();
         let Flow::Sts(sts) = v.flow else { panic!() };
         let options: serde_json::Value = serde_json::from_str(sts.options.as_deref().unwrap()).unwrap();
         assert_eq!(options["userProject"], "proj");
@@ -800,13 +1072,217 @@ mod tests {
 
     #[test]
     fn token_hash_follows_flow_and_source_only() {
-        let a = validate(&sts_spec(), "tr").unwrap();
+        let a = check(&sts_spec()).unwrap();
         let mut spec = sts_spec();
         spec.secret.labels.insert("team".into(), "a".into());
-        let b = validate(&spec, "tr").unwrap();
+        let b = check(&spec).unwrap();
         assert_eq!(a.token_hash, b.token_hash);
         spec.flow.sts.as_mut().unwrap().scopes = vec!["https://www.googleapis.com/auth/devstorage.read_only".into()];
-        let c = validate(&spec, "tr").unwrap();
+        let c = check(&spec).unwrap();
         assert_ne!(a.token_hash, c.token_hash);
+    }
+
+    fn from_json(value: serde_json::Value) -> TokenRequestSpec {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn problems_with(spec: &TokenRequestSpec, policy: &Policy) -> Vec<String> {
+        check_with(spec, policy).expect_err("spec should be invalid").problems
+    }
+
+    #[test]
+    fn sts_with_impersonation_asks_sts_for_cloud_platform() {
+        let storage = "https://www.googleapis.com/auth/devstorage.read_only";
+        let spec = from_json(serde_json::json!({
+            "flow": {"sts": {"audience": AUDIENCE, "scopes": [storage],
+                             "serviceAccountImpersonation": {"serviceAccount": "sa@p.iam.gserviceaccount.com",
+                                                             "delegates": ["d@p.iam.gserviceaccount.com"], "lifetime": "30m"}}},
+            "source": {"serviceAccountToken": {"serviceAccountName": "app"}},
+        }));
+        let Flow::Sts(sts) = check(&spec).unwrap().flow else {
+            panic!("sts expected")
+        };
+        assert_eq!(sts.scopes, vec![CLOUD_PLATFORM_SCOPE]);
+        assert_eq!(sts.final_scopes(), [storage]);
+        let imp = sts.impersonation.unwrap();
+        assert_eq!(imp.lifetime, Duration::from_secs(1800));
+        assert_eq!(
+            imp.delegates,
+            vec!["projects/-/serviceAccounts/d@p.iam.gserviceaccount.com"]
+        );
+
+        let spec = from_json(serde_json::json!({
+            "flow": {"sts": {"audience": AUDIENCE, "serviceAccountImpersonation": {"serviceAccount": "nobody", "lifetime": "13h"}}},
+            "source": {"serviceAccountToken": {"serviceAccountName": "app"}},
+        }));
+        let p = problems(&spec);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("spec.flow.sts.serviceAccountImpersonation.serviceAccount"));
+        assert_eq!(
+            p[1],
+            "spec.flow.sts.serviceAccountImpersonation.lifetime must be at most 12h"
+        );
+    }
+
+    #[test]
+    fn hashes_of_specs_without_the_new_fields_do_not_change() {
+        // Secrets written before formats, subject tokens and impersonation existed keep their
+        // spec hash, so an upgrade mints nothing.
+        let spec = from_json(serde_json::json!({
+            "flow": {"sts": {"audience": AUDIENCE}},
+            "source": {"secret": {"name": "jwt", "key": "token"}},
+        }));
+        let v = check(&spec).unwrap();
+        // The hash is over these exact bytes.
+        assert_eq!(
+            serde_json::to_string(&(&v.flow, &v.source)).unwrap(),
+            format!(
+                r#"[{{"Sts":{{"audience":"{AUDIENCE}","scopes":["{CLOUD_PLATFORM_SCOPE}"],"subject_token_type":"urn:ietf:params:oauth:token-type:jwt","options":null}}}},{{"Secret":{{"name":"jwt","key":"token"}}}}]"#
+            )
+        );
+    }
+
+    #[test]
+    fn secret_formats_must_fit_the_flow() {
+        let dc =
+            serde_json::json!({"developerConnect": {"accountConnector": "projects/p/locations/l/accountConnectors/c"}});
+        let jwt_for_dc = from_json(
+            serde_json::json!({"flow": dc, "source": {"secret": {"name": "s", "key": "k", "format": "jwt"}}}),
+        );
+        assert!(problems(&jwt_for_dc)[0].contains("a JWT is only valid as the subject token of the sts flow"));
+        let key_for_sts = from_json(serde_json::json!({
+            "flow": {"sts": {"audience": AUDIENCE}},
+            "source": {"secret": {"name": "s", "key": "k", "format": "serviceAccountKey"}},
+        }));
+        assert!(problems(&key_for_sts)[0].contains("urn:ietf:params:oauth:token-type:access_token"));
+        let chained_to_jwt_sts = from_json(serde_json::json!({
+            "flow": {"sts": {"audience": AUDIENCE}}, "source": {"tokenRequest": {"name": "up"}},
+        }));
+        assert!(problems(&chained_to_jwt_sts)[0].starts_with("spec.source.tokenRequest"));
+        for format in ["auto", "accessToken", "serviceAccountKey", "authorizedUser"] {
+            let spec = from_json(
+                serde_json::json!({"flow": dc, "source": {"secret": {"name": "s", "key": "k", "format": format}}}),
+            );
+            let v = check(&spec).unwrap();
+            assert!(
+                matches!(
+                    v.source,
+                    Source::Secret {
+                        subject_token: None,
+                        ..
+                    }
+                ),
+                "{format}"
+            );
+        }
+    }
+
+    #[test]
+    fn subject_tokens_go_with_external_account_files_only() {
+        let dc =
+            serde_json::json!({"developerConnect": {"accountConnector": "projects/p/locations/l/accountConnectors/c"}});
+        let source =
+            |secret: serde_json::Value| from_json(serde_json::json!({"flow": dc, "source": {"secret": secret}}));
+        let missing = source(serde_json::json!({"name": "wif", "key": "config", "format": "externalAccount"}));
+        assert!(problems(&missing)[0].contains("subjectToken is required"));
+        let unused = source(
+            serde_json::json!({"name": "wif", "key": "config", "format": "accessToken",
+                                                "subjectToken": {"secret": {"name": "jwt", "key": "token"}}}),
+        );
+        assert!(problems(&unused)[0].contains("only valid with format externalAccount"));
+        let both = source(serde_json::json!({"name": "wif", "key": "config",
+                                              "subjectToken": {"secret": {"name": "jwt", "key": "token"},
+                                                               "serviceAccountToken": {"serviceAccountName": "app"}}}));
+        assert!(problems(&both)[0].contains("exactly one of serviceAccountToken, secret"));
+        let short = source(
+            serde_json::json!({"name": "wif", "key": "config", "format": "externalAccount",
+                                               "subjectToken": {"serviceAccountToken": {"serviceAccountName": "app", "expirationSeconds": 60}}}),
+        );
+        assert!(
+            problems(&short)[0].starts_with("spec.source.secret.subjectToken.serviceAccountToken.expirationSeconds")
+        );
+        let good = source(serde_json::json!({"name": "wif", "key": "config",
+                                              "subjectToken": {"serviceAccountToken": {"serviceAccountName": "app"}}}));
+        let Source::Secret { subject_token, .. } = check(&good).unwrap().source else {
+            panic!()
+        };
+        assert_eq!(
+            subject_token,
+            Some(SubjectToken::ServiceAccountToken {
+                service_account_name: "app".into(),
+                audience: None,
+                expiration_seconds: 3600
+            })
+        );
+    }
+
+    #[test]
+    fn ambient_only_in_allowed_namespaces() {
+        let spec = from_json(serde_json::json!({
+            "flow": {"impersonation": {"serviceAccount": "sa@p.iam.gserviceaccount.com", "scopes": [CLOUD_PLATFORM_SCOPE]}},
+            "source": {"ambient": {}},
+        }));
+        let p = problems(&spec);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("\"ns\"") && p[0].contains(AMBIENT_SETTING), "{}", p[0]);
+        let allowed = Policy {
+            ambient_namespaces: BTreeSet::from(["ns".to_string()]),
+            ..Default::default()
+        };
+        assert_eq!(check_with(&spec, &allowed).unwrap().source, Source::Ambient);
+        let other = Policy {
+            ambient_namespaces: BTreeSet::from(["other".to_string()]),
+            ..Default::default()
+        };
+        assert_eq!(problems_with(&spec, &other).len(), 1);
+    }
+
+    #[test]
+    fn the_operator_service_account_is_never_a_source() {
+        let own = Policy {
+            own_service_account: Some("ns/operator".parse().unwrap()),
+            ..Default::default()
+        };
+        let direct = from_json(serde_json::json!({
+            "flow": {"sts": {"audience": AUDIENCE}},
+            "source": {"serviceAccountToken": {"serviceAccountName": "operator"}},
+        }));
+        assert!(problems_with(&direct, &own)[0].contains("the operator's own ServiceAccount"));
+        let subject = from_json(serde_json::json!({
+            "flow": {"developerConnect": {"accountConnector": "projects/p/locations/l/accountConnectors/c"}},
+            "source": {"secret": {"name": "wif", "key": "config",
+                                  "subjectToken": {"serviceAccountToken": {"serviceAccountName": "operator"}}}},
+        }));
+        assert!(problems_with(&subject, &own)[0].starts_with("spec.source.secret.subjectToken.serviceAccountToken"));
+        // A ServiceAccount of the same name elsewhere is someone else's.
+        let elsewhere = Policy {
+            own_service_account: Some("ops/operator".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(check_with(&direct, &elsewhere).is_ok());
+        assert!("no-slash".parse::<ServiceAccountRef>().is_err());
+        assert!("ns/Bad_Name".parse::<ServiceAccountRef>().is_err());
+    }
+
+    #[test]
+    fn caller_scopes_follow_the_flow() {
+        let storage = "https://www.googleapis.com/auth/devstorage.read_only".to_string();
+        let downscope = from_json(serde_json::json!({
+            "flow": {"sts": {"audience": AUDIENCE, "scopes": [storage],
+                             "subjectTokenType": "urn:ietf:params:oauth:token-type:access_token"}},
+            "source": {"ambient": {}},
+        }));
+        let allowed = Policy {
+            ambient_namespaces: BTreeSet::from(["ns".to_string()]),
+            ..Default::default()
+        };
+        let v = check_with(&downscope, &allowed).unwrap();
+        assert_eq!(caller_scopes(&v.flow), vec![storage]);
+        let v = check(&sts_spec()).unwrap();
+        let dc = Flow::DeveloperConnect {
+            account_connector: "projects/p/locations/l/accountConnectors/c".into(),
+        };
+        assert_eq!(caller_scopes(&dc), vec![CLOUD_PLATFORM_SCOPE]);
+        assert_eq!(caller_scopes(&v.flow), vec![CLOUD_PLATFORM_SCOPE]);
     }
 }

@@ -58,6 +58,20 @@ fn schema_carries_names_columns_and_rules() {
     assert_eq!(sat["minimum"].as_f64(), Some(600.0));
     let types = &props["secret"]["properties"]["type"]["enum"];
     assert_eq!(types, &serde_json::json!(["Opaque", "kubernetes.io/dockerconfigjson"]));
+    // No `null` among the values: Kubernetes 1.20 rejects a CRD with a nullable enum.
+    let formats = &props["source"]["properties"]["secret"]["properties"]["format"]["enum"];
+    assert_eq!(
+        formats,
+        &serde_json::json!([
+            "auto",
+            "accessToken",
+            "jwt",
+            "serviceAccountKey",
+            "authorizedUser",
+            "externalAccount"
+        ])
+    );
+    assert!(source_rule.contains("has(self.ambient)"), "{source_rule}");
 }
 
 #[test]

@@ -28,9 +28,12 @@ use tracing::{info, warn};
 pub use self::reconcile::{Error, reconcile};
 use crate::{
     crd::TokenRequest,
-    google::GoogleClient,
+    google::{GoogleClient, GoogleError, IssuedToken},
     metrics::{Metrics, ObjectLabels},
     render::{MANAGED_SELECTOR, TOKEN_REQUEST_LABEL},
+    singleflight::SingleFlight,
+    source::{Ambient, KeptCredentials},
+    validation::Policy,
 };
 
 /// The one field manager for every write the operator makes.
@@ -44,6 +47,18 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub token_requests: Store<TokenRequest>,
     pub secrets: Store<Secret>,
+    pub policy: Arc<Policy>,
+    pub ambient: Ambient,
+    pub exchanges: Exchanges,
+}
+
+/// Calls to Google shared across TokenRequests (and namespaces): one per operator.
+#[derive(Clone, Default)]
+pub struct Exchanges {
+    /// Credentials the operator minted from credential files or its own identity.
+    pub kept: KeptCredentials,
+    /// Flow calls in flight.
+    pub flows: SingleFlight<IssuedToken, GoogleError>,
 }
 
 pub struct Settings {
@@ -52,6 +67,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// Reported as the Events' reporting instance (the pod name in a cluster).
     pub instance: String,
+    pub policy: Policy,
+    pub ambient: Ambient,
 }
 
 /// Fails early, with a hint, when the CRD is not installed.
@@ -81,9 +98,18 @@ pub async fn run(
         pending: AtomicUsize::new(2 * scopes.len()),
         ready,
     });
-    let controllers = scopes
-        .iter()
-        .map(|namespace| controller_for(&client, &google, &metrics, &settings, namespace.as_deref(), &sync));
+    let exchanges = Exchanges::default();
+    let controllers = scopes.iter().map(|namespace| {
+        controller_for(
+            &client,
+            &google,
+            &metrics,
+            &settings,
+            &exchanges,
+            namespace.as_deref(),
+            &sync,
+        )
+    });
     future::join_all(controllers).await;
 }
 
@@ -127,6 +153,7 @@ fn controller_for(
     google: &GoogleClient,
     metrics: &Arc<Metrics>,
     settings: &Settings,
+    exchanges: &Exchanges,
     namespace: Option<&str>,
     sync: &Arc<SyncTracker>,
 ) -> impl Future<Output = ()> + use<> {
@@ -166,6 +193,9 @@ fn controller_for(
         metrics: metrics.clone(),
         token_requests: tr_reader.clone(),
         secrets: secret_reader.clone(),
+        policy: Arc::new(settings.policy.clone()),
+        ambient: settings.ambient.clone(),
+        exchanges: exchanges.clone(),
     });
     let mapper_store = tr_reader.clone();
     let metrics = metrics.clone();

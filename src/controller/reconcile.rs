@@ -13,18 +13,20 @@ use kube::{
         reflector::ObjectRef,
     },
 };
+use secrecy::{ExposeSecret, SecretString};
 use tracing::{debug, info, warn};
 
 use super::{Context, FIELD_MANAGER};
 use crate::{
     crd::{TokenRequest, TokenRequestStatus},
-    google::GoogleError,
+    google::{GoogleError, IssuedToken},
     metrics::ObjectLabels,
     refresh::{self, ErrorClass},
     render::{self, StoredToken, TokenRecord},
-    source::{Credential, SourceError, Sources},
+    singleflight::Key,
+    source::{SourceError, Sources},
     status::{self, Reason},
-    validation::{Flow, ValidSpec, validate},
+    validation::{Flow, Placement, ValidSpec, caller_scopes, validate},
 };
 
 /// Failures that end a reconcile without a status written; retried by the error policy.
@@ -49,13 +51,14 @@ impl Error {
     }
 }
 
-/// Why an attempt to obtain and store a token failed.
+/// Why an attempt to obtain and store a token failed. Source and Google failures may be shared by
+/// several TokenRequests (single-flight), hence the `Arc`s.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
     #[error("source: {0}")]
-    Source(#[from] SourceError),
+    Source(#[from] Arc<SourceError>),
     #[error(transparent)]
-    Google(#[from] GoogleError),
+    Google(#[from] Arc<GoogleError>),
     #[error("writing Secret {name:?} failed: {source}")]
     ApplySecret {
         name: String,
@@ -79,7 +82,7 @@ impl Failure {
 
     fn reason(&self) -> Reason {
         match self {
-            Self::Source(_) => Reason::SourceNotReady,
+            Self::Source(e) => e.reason(),
             Self::Google(e) => e.reason(),
             Self::ApplySecret { .. } => Reason::ApiError,
         }
@@ -87,8 +90,9 @@ impl Failure {
 
     fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
+            Self::Source(e) => e.retry_after(),
             Self::Google(e) => e.retry_after(),
-            _ => None,
+            Self::ApplySecret { .. } => None,
         }
     }
 }
@@ -130,7 +134,12 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn run(self) -> Result<Action, Error> {
-        let spec = match validate(&self.tr.spec, &self.name) {
+        let at = Placement {
+            namespace: &self.namespace,
+            name: &self.name,
+            policy: &self.ctx.policy,
+        };
+        let spec = match validate(&self.tr.spec, &at) {
             Ok(spec) => spec,
             Err(invalid) => return self.invalid_spec(&invalid.to_string()).await,
         };
@@ -193,6 +202,10 @@ impl<'a> Reconciler<'a> {
             namespace: &self.namespace,
             token_requests: &self.ctx.token_requests,
             managed_secrets: &self.ctx.secrets,
+            policy: &self.ctx.policy,
+            google: &self.ctx.google,
+            kept: &self.ctx.exchanges.kept,
+            ambient: &self.ctx.ambient,
         }
     }
 
@@ -289,30 +302,16 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn mint(&self, spec: &ValidSpec) -> Result<TokenRecord, Failure> {
-        let Credential {
-            token: caller,
-            expires_at: caller_expiry,
-        } = self.sources().resolve(&spec.source).await?;
-        let google = &self.ctx.google;
+        let sources = self.sources();
+        let caller = sources.resolve(&spec.source, &caller_scopes(&spec.flow)).await?;
         let issued_at = refresh::whole_second(Timestamp::now());
-        let issued = match &spec.flow {
-            Flow::Sts(p) => google.sts_exchange(p, &caller).await?,
-            Flow::Impersonation(p) => google.generate_access_token(&caller, p).await?,
-            Flow::DeveloperConnect { account_connector } => {
-                google.fetch_access_token(&caller, account_connector).await?
-            }
-            Flow::DiscoveryEngine {
-                data_connector,
-                scope,
-                action,
-            } => {
-                google
-                    .acquire_access_token(&caller, data_connector, scope.as_deref(), action.as_deref())
-                    .await?
-            }
-        };
+        let issued = self.exchange(&spec.flow, &caller.token).await;
+        if issued.as_ref().is_err_and(|e| e.is_unauthenticated()) {
+            sources.forget(&caller);
+        }
+        let issued = issued?;
         // STS returns no expiry for an access-token subject: the new token lives as long as that one.
-        let inherited = matches!(spec.flow, Flow::Sts(_)).then_some(caller_expiry).flatten();
+        let inherited = matches!(spec.flow, Flow::Sts(_)).then_some(caller.expires_at).flatten();
         let expires_at = issued
             .expires_at
             .or(inherited)
@@ -324,6 +323,16 @@ impl<'a> Reconciler<'a> {
             expires_at,
             scopes: issued.scopes,
         })
+    }
+
+    /// The flow's call, made once for all identical calls in flight: the same flow with the same
+    /// caller credential (so only those who hold that credential share the outcome).
+    async fn exchange(&self, flow: &Flow, caller: &SecretString) -> Result<IssuedToken, Arc<GoogleError>> {
+        let flow_json = serde_json::to_vec(flow).expect("flows serialize");
+        let key = Key::of(&[b"flow", &flow_json, caller.expose_secret().as_bytes()]);
+        let (google, flow, caller) = (self.ctx.google.clone(), flow.clone(), caller.clone());
+        let call = async move { google.mint(&flow, &caller).await };
+        self.ctx.exchanges.flows.get_or_call(key, call, |_| None).await
     }
 
     /// Server-side applies the Secret, unless it already is exactly as desired.

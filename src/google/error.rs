@@ -11,6 +11,10 @@ pub enum Api {
     IamCredentials,
     DeveloperConnect,
     DiscoveryEngine,
+    /// The OAuth token endpoint (service account keys, authorized users).
+    OAuth2,
+    /// The metadata server (the operator's own identity).
+    Metadata,
 }
 
 impl Api {
@@ -20,6 +24,8 @@ impl Api {
             Self::IamCredentials => "iamcredentials",
             Self::DeveloperConnect => "developerconnect",
             Self::DiscoveryEngine => "discoveryengine",
+            Self::OAuth2 => "oauth2",
+            Self::Metadata => "metadata",
         }
     }
 }
@@ -91,6 +97,11 @@ impl GoogleError {
             Self::Rejected { code, .. } if code == "invalid_target" => Reason::NotFound,
             _ => Reason::UpstreamRejected,
         }
+    }
+
+    /// Google did not accept the caller's credential: a kept copy of it must not be reused.
+    pub fn is_unauthenticated(&self) -> bool {
+        matches!(self, Self::Rejected { status: 401, .. })
     }
 
     pub fn retry_after(&self) -> Option<Duration> {

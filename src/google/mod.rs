@@ -14,10 +14,13 @@ use url::Url;
 
 use crate::{
     metrics::Metrics,
-    validation::{ImpersonationParams, StsParams},
+    validation::{Flow, ImpersonationParams, StsParams},
 };
 
 const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+const GENERATE_ACCESS_TOKEN_PREFIX: &str = "/v1/projects/-/serviceAccounts/";
+const GENERATE_ACCESS_TOKEN_SUFFIX: &str = ":generateAccessToken";
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +65,30 @@ impl Endpoints {
         }
     }
 
+    /// Where STS exchanges go; `external_account` files must name exactly this.
+    pub fn sts_token_url(&self) -> String {
+        join(&self.sts, "/v1/token")
+    }
+
+    /// Where JWT-bearer and refresh-token grants go, and the audience of service account JWTs.
+    pub fn oauth_token_url(&self) -> String {
+        join(&self.oauth2, "/token")
+    }
+
+    pub fn generate_access_token_url(&self, service_account: &str) -> String {
+        join(
+            &self.iam_credentials,
+            &format!("{GENERATE_ACCESS_TOKEN_PREFIX}{service_account}{GENERATE_ACCESS_TOKEN_SUFFIX}"),
+        )
+    }
+
+    /// The service account a generateAccessToken URL names, if the URL is one of this endpoint's.
+    pub fn impersonated_service_account<'u>(&self, url: &'u str) -> Option<&'u str> {
+        let prefix = join(&self.iam_credentials, GENERATE_ACCESS_TOKEN_PREFIX);
+        let account = url.strip_prefix(&prefix)?.strip_suffix(GENERATE_ACCESS_TOKEN_SUFFIX)?;
+        (!account.is_empty() && !account.contains('/')).then_some(account)
+    }
+
     fn discovery_engine_for(&self, data_connector: &str) -> Url {
         if let Some(url) = &self.discovery_engine {
             return url.clone();
@@ -77,7 +104,7 @@ impl Endpoints {
 }
 
 /// A token Google issued.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct IssuedToken {
     pub token: SecretString,
     /// `None` when the API did not say (STS with an access-token subject, Discovery Engine, and
@@ -107,6 +134,37 @@ impl GoogleClient {
         })
     }
 
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// The call `flow` makes with the caller credential.
+    pub async fn mint(&self, flow: &Flow, caller: &SecretString) -> Result<IssuedToken, GoogleError> {
+        match flow {
+            Flow::Sts(p) => self.federate(p, caller).await,
+            Flow::Impersonation(p) => self.generate_access_token(caller, p).await,
+            Flow::DeveloperConnect { account_connector } => self.fetch_access_token(caller, account_connector).await,
+            Flow::DiscoveryEngine {
+                data_connector,
+                scope,
+                action,
+            } => {
+                self.acquire_access_token(caller, data_connector, scope.as_deref(), action.as_deref())
+                    .await
+            }
+        }
+    }
+
+    /// STS exchange, followed by generateAccessToken with the federated token when `p` says so
+    /// (Workload Identity Federation with service account impersonation).
+    pub async fn federate(&self, p: &StsParams, subject_token: &SecretString) -> Result<IssuedToken, GoogleError> {
+        let federated = self.sts_exchange(p, subject_token).await?;
+        match &p.impersonation {
+            None => Ok(federated),
+            Some(impersonation) => self.generate_access_token(&federated.token, impersonation).await,
+        }
+    }
+
     /// STS token exchange, form-encoded as Google's auth libraries send it. No Authorization header.
     pub async fn sts_exchange(&self, p: &StsParams, subject_token: &SecretString) -> Result<IssuedToken, GoogleError> {
         let scope = p.scopes.join(" ");
@@ -121,13 +179,57 @@ impl GoogleClient {
         if let Some(options) = &p.options {
             form.push(("options", options.as_str()));
         }
-        let url = join(&self.endpoints.sts, "/v1/token");
-        let body: StsResponse = self.call(Api::Sts, self.http.post(url).form(&form)).await?;
-        let expires_at = match body.expires_in {
-            Some(secs) if secs > 0 => Some(after(secs)),
-            _ => None,
-        };
-        issued(Api::Sts, body.access_token, expires_at, p.scopes.clone())
+        let request = self.http.post(self.endpoints.sts_token_url()).form(&form);
+        let body: TokenResponse = self.call(Api::Sts, request).await?;
+        body.issued(Api::Sts, &p.scopes)
+    }
+
+    /// OAuth JWT-bearer grant: a service account's signed assertion for an access token.
+    pub async fn jwt_bearer(&self, assertion: &SecretString, scopes: &[String]) -> Result<IssuedToken, GoogleError> {
+        let form = [
+            ("grant_type", JWT_BEARER_GRANT),
+            ("assertion", assertion.expose_secret()),
+        ];
+        self.oauth_token(&form, scopes).await
+    }
+
+    /// OAuth refresh-token grant: an authorized user's access token.
+    pub async fn refresh_access_token(
+        &self,
+        client_id: &str,
+        client_secret: &SecretString,
+        refresh_token: &SecretString,
+        scopes: &[String],
+    ) -> Result<IssuedToken, GoogleError> {
+        let scope = scopes.join(" ");
+        let form = [
+            ("grant_type", "refresh_token"),
+            ("client_id", client_id),
+            ("client_secret", client_secret.expose_secret()),
+            ("refresh_token", refresh_token.expose_secret()),
+            ("scope", scope.as_str()),
+        ];
+        self.oauth_token(&form, scopes).await
+    }
+
+    /// A grant at the OAuth token endpoint.
+    async fn oauth_token(&self, form: &[(&str, &str)], scopes: &[String]) -> Result<IssuedToken, GoogleError> {
+        let request = self.http.post(self.endpoints.oauth_token_url()).form(form);
+        let body: TokenResponse = self.call(Api::OAuth2, request).await?;
+        body.issued(Api::OAuth2, scopes)
+    }
+
+    /// The metadata server's token for the default service account of where the operator runs.
+    pub async fn metadata_token(&self, scopes: &[String]) -> Result<IssuedToken, GoogleError> {
+        let mut url = Url::parse(&join(
+            &self.endpoints.metadata,
+            "/computeMetadata/v1/instance/service-accounts/default/token",
+        ))
+        .expect("a base URL with a path is a URL");
+        url.query_pairs_mut().append_pair("scopes", &scopes.join(","));
+        let request = self.http.get(url).header("Metadata-Flavor", "Google");
+        let body: TokenResponse = self.call(Api::Metadata, request).await?;
+        body.issued(Api::Metadata, scopes)
     }
 
     /// IAM Credentials generateAccessToken for a service account.
@@ -136,13 +238,7 @@ impl GoogleClient {
         caller: &SecretString,
         p: &ImpersonationParams,
     ) -> Result<IssuedToken, GoogleError> {
-        let url = join(
-            &self.endpoints.iam_credentials,
-            &format!(
-                "/v1/projects/-/serviceAccounts/{}:generateAccessToken",
-                p.service_account
-            ),
-        );
+        let url = self.endpoints.generate_access_token_url(&p.service_account);
         let mut body = serde_json::json!({
             "scope": p.scopes,
             "lifetime": format!("{}s", p.lifetime.as_secs()),
@@ -289,7 +385,7 @@ fn status_class(status: StatusCode) -> &'static str {
 }
 
 /// Names what was wrong with a body without quoting it: serde's messages can echo values.
-fn describe_json_error(e: &serde_json::Error) -> String {
+pub fn describe_json_error(e: &serde_json::Error) -> String {
     let what = match e.classify() {
         serde_json::error::Category::Syntax | serde_json::error::Category::Eof => "not JSON",
         serde_json::error::Category::Data => "JSON without the documented fields",
@@ -344,12 +440,30 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Duration::try_from(at.duration_since(Timestamp::now())).ok()
 }
 
+/// The OAuth-style answer of STS, the OAuth token endpoint and the metadata server.
 #[derive(Deserialize)]
-struct StsResponse {
+struct TokenResponse {
     #[serde(default)]
     access_token: String,
     #[serde(default, deserialize_with = "number_or_string")]
     expires_in: Option<i64>,
+    /// Granted scopes, space-separated (the OAuth token endpoint).
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+impl TokenResponse {
+    fn issued(self, api: Api, requested: &[String]) -> Result<IssuedToken, GoogleError> {
+        let expires_at = match self.expires_in {
+            Some(secs) if secs > 0 => Some(after(secs)),
+            _ => None,
+        };
+        let scopes = match self.scope {
+            Some(granted) if !granted.trim().is_empty() => granted.split_whitespace().map(String::from).collect(),
+            _ => requested.to_vec(),
+        };
+        issued(api, self.access_token, expires_at, scopes)
+    }
 }
 
 #[derive(Deserialize)]
@@ -472,14 +586,14 @@ mod tests {
 
     #[test]
     fn malformed_body_is_described_without_quoting_it() {
-        let e = serde_json::from_slice::<StsResponse>(br#"{"access_token": 12, "secret": "ya29.leak"}"#)
+        let e = serde_json::from_slice::<TokenResponse>(br#"{"access_token": 12, "secret": "ya29.leak"}"#)
             .err()
             .expect("must fail");
         assert_eq!(
             describe_json_error(&e),
             "JSON without the documented fields (line 1, column 19)"
         );
-        let e = serde_json::from_slice::<StsResponse>(b"ya29.leak")
+        let e = serde_json::from_slice::<TokenResponse>(b"ya29.leak")
             .err()
             .expect("must fail");
         assert_eq!(describe_json_error(&e), "not JSON (line 1, column 1)");
@@ -487,9 +601,9 @@ mod tests {
 
     #[test]
     fn expires_in_as_string() {
-        let r: StsResponse = serde_json::from_str(r#"{"access_token":"t","expires_in":"3599"}"#).unwrap();
+        let r: TokenResponse = serde_json::from_str(r#"{"access_token":"t","expires_in":"3599"}"#).unwrap();
         assert_eq!(r.expires_in, Some(3599));
-        let r: StsResponse = serde_json::from_str(r#"{"access_token":"t"}"#).unwrap();
+        let r: TokenResponse = serde_json::from_str(r#"{"access_token":"t"}"#).unwrap();
         assert_eq!(r.expires_in, None);
     }
 }
