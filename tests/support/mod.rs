@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod sources;
+
 use std::{path::Path, time::Duration};
 
 use gcp_token_operator::{
@@ -202,6 +204,13 @@ impl<'a> Env<'a> {
     /// No token the emulator ever issued appears in the operator's log, in an Event, or in a
     /// TokenRequest's status or spec. Called at the end of every test.
     pub async fn assert_no_token_leaked(&self) {
+        self.assert_nothing_leaked(&[]).await;
+    }
+
+    /// As `assert_no_token_leaked`, for `secrets` too (private keys, refresh tokens, client
+    /// secrets, subject tokens the test gave the operator), and in every namespace (a test may
+    /// use several).
+    pub async fn assert_nothing_leaked(&self, secrets: &[&str]) {
         let tokens = self.google.issued_tokens();
         assert!(
             !tokens.is_empty(),
@@ -209,17 +218,17 @@ impl<'a> Env<'a> {
         );
         let log = self.operator_log();
         assert!(!log.is_empty(), "the operator logged nothing");
-        let events = Api::<Event>::namespaced(self.client.clone(), &self.namespace)
+        let events = Api::<Event>::all(self.client.clone())
             .list(&ListParams::default())
             .await
             .expect("listing events");
         let events = serde_json::to_string(&events).unwrap();
-        let objects =
-            serde_json::to_string(&self.token_requests().list(&ListParams::default()).await.unwrap()).unwrap();
-        for token in &tokens {
-            assert!(!log.contains(token.as_str()), "a token appears in the operator log");
-            assert!(!events.contains(token.as_str()), "a token appears in an Event");
-            assert!(!objects.contains(token.as_str()), "a token appears in a TokenRequest");
+        let token_requests = Api::<TokenRequest>::all(self.client.clone());
+        let objects = serde_json::to_string(&token_requests.list(&ListParams::default()).await.unwrap()).unwrap();
+        for token in tokens.iter().map(String::as_str).chain(secrets.iter().copied()) {
+            assert!(!log.contains(token), "a token appears in the operator log");
+            assert!(!events.contains(token), "a token appears in an Event");
+            assert!(!objects.contains(token), "a token appears in a TokenRequest");
         }
     }
 }
