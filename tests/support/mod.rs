@@ -5,7 +5,14 @@
 
 pub mod sources;
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use gcp_token_operator::{
     crd::TokenRequest,
@@ -31,10 +38,13 @@ pub struct Env<'a> {
     pub control_plane: &'a ControlPlane,
     pub client: Client,
     pub namespace: String,
-    pub google: GoogleEmulator,
+    pub google: Arc<GoogleEmulator>,
     pub operator: Option<OperatorProcess>,
-    logs: tempfile::TempDir,
-    runs: usize,
+    /// The operator's kubeconfig when not the control plane's admin one.
+    pub operator_kubeconfig: Option<PathBuf>,
+    logs: Arc<tempfile::TempDir>,
+    /// Operator runs so far, shared with `in_namespace` views.
+    runs: Arc<AtomicUsize>,
 }
 
 impl Env<'static> {
@@ -59,10 +69,26 @@ impl<'a> Env<'a> {
             control_plane,
             client,
             namespace,
-            google,
+            google: Arc::new(google),
             operator: None,
-            logs,
-            runs: 0,
+            operator_kubeconfig: None,
+            logs: Arc::new(logs),
+            runs: Arc::default(),
+        }
+    }
+
+    /// The same world (control plane, emulator, operator log) seen from another namespace: the
+    /// namespace-scoped helpers act there. The view holds no operator of its own.
+    pub fn in_namespace(&self, namespace: &str) -> Env<'a> {
+        Env {
+            control_plane: self.control_plane,
+            client: self.client.clone(),
+            namespace: namespace.into(),
+            google: self.google.clone(),
+            operator: None,
+            operator_kubeconfig: None,
+            logs: self.logs.clone(),
+            runs: self.runs.clone(),
         }
     }
 
@@ -74,12 +100,15 @@ impl<'a> Env<'a> {
     /// Starts one more operator process for this namespace with extra flags; its log joins
     /// `operator_log`.
     pub fn spawn_operator(&mut self, extra_args: &[&str]) -> OperatorProcess {
-        self.runs += 1;
-        let log_path = self.logs.path().join(format!("operator-{}.log", self.runs));
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let log_path = self.logs.path().join(format!("operator-{run}.log"));
         let args: Vec<&str> = ["--concurrency", "4"].iter().chain(extra_args).copied().collect();
         let options = OperatorOptions {
             binary: Path::new(env!("CARGO_BIN_EXE_gcp-token-operator")),
-            kubeconfig: self.control_plane.kubeconfig_path(),
+            kubeconfig: self
+                .operator_kubeconfig
+                .as_deref()
+                .unwrap_or(self.control_plane.kubeconfig_path()),
             namespaces: std::slice::from_ref(&self.namespace),
             google: &self.google.base_url(),
             log_path,
@@ -99,7 +128,7 @@ impl<'a> Env<'a> {
 
     /// Everything every operator run of this test logged.
     pub fn operator_log(&self) -> String {
-        (1..=self.runs)
+        (1..=self.runs.load(Ordering::SeqCst))
             .map(|run| {
                 std::fs::read_to_string(self.logs.path().join(format!("operator-{run}.log"))).unwrap_or_default()
             })
