@@ -15,14 +15,16 @@ use serde_json::{Map, Value};
 use crate::{
     crd::{SecretFormat, SubjectTokenType},
     google::{Endpoints, describe_json_error},
-    validation::{ImpersonationParams, StsParams, is_service_account, is_sts_audience, sts_options},
+    validation::{
+        ImpersonationParams, MAX_IMPERSONATION_LIFETIME, StsParams, is_service_account, is_sts_audience, sts_options,
+    },
 };
 
 /// A self-signed JWT lives at most an hour (Google refuses longer ones).
 const ASSERTION_LIFETIME_SECS: i64 = 3600;
 /// `service_account_impersonation.token_lifetime_seconds` bounds (AIP-4117).
 const MIN_IMPERSONATION_SECS: u64 = 600;
-const MAX_IMPERSONATION_SECS: u64 = 43_200;
+const MAX_IMPERSONATION_SECS: u64 = MAX_IMPERSONATION_LIFETIME.as_secs();
 
 /// What a Secret key holds.
 pub enum Content {
@@ -34,17 +36,6 @@ pub enum CredentialFile {
     ServiceAccountKey(ServiceAccountKey),
     AuthorizedUser(AuthorizedUser),
     ExternalAccount(ExternalAccount),
-}
-
-impl CredentialFile {
-    /// Who the file authenticates as, in words safe to show: no secret material.
-    pub fn identity(&self) -> String {
-        match self {
-            Self::ServiceAccountKey(k) => format!("service_account {} key {}", k.client_email, k.private_key_id),
-            Self::AuthorizedUser(u) => format!("authorized_user of OAuth client {}", u.client_id),
-            Self::ExternalAccount(e) => format!("external_account for {}", e.audience),
-        }
-    }
 }
 
 /// `"type": "service_account"`. No Debug: it holds a private key.

@@ -87,11 +87,6 @@ impl StsParams {
         self.impersonation = impersonation;
         self
     }
-
-    /// The scopes of the token this exchange ends with.
-    pub fn final_scopes(&self) -> &[String] {
-        self.impersonation.as_ref().map_or(&self.scopes, |i| &i.scopes)
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -1103,8 +1098,8 @@ mod tests {
             panic!("sts expected")
         };
         assert_eq!(sts.scopes, vec![CLOUD_PLATFORM_SCOPE]);
-        assert_eq!(sts.final_scopes(), [storage]);
         let imp = sts.impersonation.unwrap();
+        assert_eq!(imp.scopes, [storage]);
         assert_eq!(imp.lifetime, Duration::from_secs(1800));
         assert_eq!(
             imp.delegates,
