@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
     category = "gcptoken",
     printcolumn = r#"{"name":"Flow","type":"string","jsonPath":".status.flow"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expirationTime"}"#,
-    printcolumn = r#"{"name":"Next Refresh","type":"date","jsonPath":".status.nextRefreshTime"}"#,
+    // Times, not `date` columns: kubectl shows a future date as `<invalid>`.
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expirationTime"}"#,
+    printcolumn = r#"{"name":"Next Refresh","type":"string","jsonPath":".status.nextRefreshTime"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
