@@ -54,7 +54,9 @@ pub fn refresh_point(
     };
     let jitter_bound = (lifetime / 20).min(MAX_JITTER);
     let jitter = jitter_bound.mul_f64(unit_hash(object_key));
-    let before = (renew_before + jitter).min(lifetime);
+    // At least a tenth of the lifetime is used: a renewBefore longer than the tokens Google issues
+    // would otherwise refresh every token the moment it arrives, over and over.
+    let before = (renew_before + jitter).min(lifetime.mul_f64(0.9));
     whole_second(expires_at.checked_sub(before).unwrap_or(issued_at).max(issued_at))
 }
 
@@ -177,12 +179,12 @@ mod tests {
     }
 
     #[test]
-    fn renew_before_longer_than_lifetime_refreshes_at_issue_time_not_before() {
+    fn renew_before_longer_than_lifetime_still_uses_a_tenth_of_it() {
         let policy = RefreshPolicy {
             renew_before: RenewBefore::Absolute(Duration::from_secs(7200)),
             ..pct(33)
         };
-        assert_eq!(refresh_point(ts(0), ts(3600), &policy, "k"), ts(0));
+        assert_eq!(refresh_point(ts(0), ts(3600), &policy, "k"), ts(360));
         // An expiry before the issue time (clock skew) cannot move the refresh point backwards.
         assert_eq!(refresh_point(ts(10), ts(0), &pct(33), "k"), ts(10));
     }

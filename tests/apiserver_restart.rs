@@ -18,9 +18,9 @@ async fn operator_survives_an_apiserver_restart() {
     let control_plane = ControlPlane::start().await.expect("a control plane of our own");
     let mut env = Env::on(&control_plane, "apiserver").await;
     env.google.add_service_account(SA_EMAIL, &["*"]);
-    // Refresh due 20 s after issue (33% of 30 s before expiry): inside the outage below.
+    // 60 s tokens refreshed 45 s before expiry: the refresh falls due during the outage below.
     env.google
-        .set_lifetime(Endpoint::GenerateAccessToken, Duration::from_secs(30));
+        .set_lifetime(Endpoint::GenerateAccessToken, Duration::from_secs(60));
     let caller = env.caller_token().await;
     env.put_secret("caller", "token", &caller).await;
     env.start_operator();
@@ -66,6 +66,8 @@ async fn operator_survives_an_apiserver_restart() {
         fingerprint(&refreshed),
         Some(gcp_token_operator::render::fingerprint(&secret_token(&secret)))
     );
+    let minted = env.google.calls(Endpoint::GenerateAccessToken);
+    assert!(minted <= 3, "{minted} tokens minted for one issue and one refresh");
     let operator = env.operator.as_ref().unwrap();
     assert_eq!(
         operator.get("/healthz").await.unwrap().0,
