@@ -133,7 +133,13 @@ async fn default_install_is_deploy_manifests_hardened_and_uninstalls() {
     let manifest = helm::install(kubeconfig, DEFAULT_RELEASE, DEFAULT_RELEASE, &json!({}))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_committed(Path::new(MANIFESTS), &manifest);
+    // Rendered against this Kubernetes 1.20, the PodDisruptionBudget is policy/v1beta1, which 1.25
+    // removed; deploy/manifests/ is for the clusters people run, so it carries policy/v1 (the same
+    // fields: a selector and maxUnavailable).
+    let v1beta1 = "apiVersion: policy/v1beta1\nkind: PodDisruptionBudget\n";
+    assert_eq!(manifest.matches(v1beta1).count(), 1, "{manifest}");
+    let portable = manifest.replace(v1beta1, "apiVersion: policy/v1\nkind: PodDisruptionBudget\n");
+    assert_committed(Path::new(MANIFESTS), &portable);
 
     let objects = helm::objects(&manifest);
     let mut names = helm::names(&objects);
@@ -142,12 +148,35 @@ async fn default_install_is_deploy_manifests_hardened_and_uninstalls() {
         "ClusterRole/gcp-token-operator",
         "ClusterRoleBinding/gcp-token-operator",
         "Deployment/gcp-token-operator@gcp-token-operator",
+        "PodDisruptionBudget/gcp-token-operator@gcp-token-operator",
         "Role/gcp-token-operator-leader-election@gcp-token-operator",
         "RoleBinding/gcp-token-operator-leader-election@gcp-token-operator",
         "Service/gcp-token-operator-metrics@gcp-token-operator",
         "ServiceAccount/gcp-token-operator@gcp-token-operator",
     ];
     assert_eq!(names, expected);
+
+    // Two replicas behind leader election, of which a drain evicts one at a time.
+    let deployment = helm::object(&objects, "Deployment", DEFAULT_RELEASE);
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let env = container_env(&deployment["spec"]["template"]["spec"]["containers"][0]);
+    let var = |name: &str| env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    assert_eq!(var("GCP_TOKEN_OPERATOR_LEADER_ELECT"), Some("true"));
+    let budget = helm::object(&objects, "PodDisruptionBudget", DEFAULT_RELEASE);
+    assert_eq!(budget["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        budget["spec"]["selector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    // The operator knows its own ServiceAccount (never a source); its Google identity is lent to
+    // no namespace, and comes from the metadata server.
+    assert_eq!(
+        var("GCP_TOKEN_OPERATOR_SERVICE_ACCOUNT"),
+        Some("gcp-token-operator/gcp-token-operator")
+    );
+    assert_eq!(var("GCP_TOKEN_OPERATOR_AMBIENT_NAMESPACES"), None);
+    assert_eq!(var("GOOGLE_APPLICATION_CREDENTIALS"), None);
+    assert!(deployment["spec"]["template"]["spec"]["volumes"].is_null());
 
     // The chart's crds/ went in with it (or was there already): the API serves TokenRequests.
     let crd = Api::<CustomResourceDefinition>::all(client.clone())
@@ -226,6 +255,23 @@ async fn wrong_values_fail_the_install() {
             json!({"replicaCount": 2, "leaderElection": {"enabled": false}}),
             "replicaCount > 1 needs leaderElection.enabled",
         ),
+        // Two replicas by default: turning leader election off needs one replica.
+        (
+            json!({"leaderElection": {"enabled": false}}),
+            "replicaCount > 1 needs leaderElection.enabled",
+        ),
+        (
+            json!({"ambientNamespaces": ["team-a", "Team_B"]}),
+            "at '/ambientNamespaces/1'",
+        ),
+        (
+            json!({"ambientCredentials": {"secretName": "adc", "key": "../key.json"}}),
+            "at '/ambientCredentials/key'",
+        ),
+        (
+            json!({"ambientCredentials": {"file": "/adc.json"}}),
+            "additional properties 'file' not allowed",
+        ),
         (
             json!({"podDisruptionBudget": {"enabled": true, "minAvailable": 1, "maxUnavailable": 1}}),
             "not both",
@@ -267,8 +313,10 @@ async fn optional_objects_and_settings_render_and_install() {
     let digest = format!("sha256:{}", "ab".repeat(32));
     let values = json!({
         "image": {"repository": "registry.example/gcp-token-operator", "digest": digest},
-        "replicaCount": 2,
+        "replicaCount": 3,
         "concurrency": 4,
+        "ambientNamespaces": ["team-a", "team-b"],
+        "ambientCredentials": {"secretName": "operator-adc", "key": "adc.json"},
         "logFormat": "text",
         "google": {"stsEndpoint": "https://sts.private.example", "metadataEndpoint": "http://169.254.169.254"},
         "commonLabels": {"team": "platform"},
@@ -307,7 +355,7 @@ async fn optional_objects_and_settings_render_and_install() {
     );
 
     let deployment = helm::object(&objects, "Deployment", fullname);
-    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert_eq!(deployment["spec"]["replicas"], 3);
     let pod = &deployment["spec"]["template"];
     assert_eq!(pod["metadata"]["labels"]["tier"], "control");
     assert_eq!(pod["metadata"]["annotations"]["scrape"], "yes");
@@ -328,6 +376,15 @@ async fn optional_objects_and_settings_render_and_install() {
         ("GCP_TOKEN_OPERATOR_METADATA_ENDPOINT", "http://169.254.169.254"),
         ("GCP_TOKEN_OPERATOR_LEADER_ELECT", "true"),
         ("GCP_TOKEN_OPERATOR_LEASE_NAMESPACE", "options"),
+        (
+            "GCP_TOKEN_OPERATOR_SERVICE_ACCOUNT",
+            "options/options-gcp-token-operator",
+        ),
+        ("GCP_TOKEN_OPERATOR_AMBIENT_NAMESPACES", "team-a,team-b"),
+        (
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "/var/run/secrets/gcp-token-operator/ambient/adc.json",
+        ),
     ] {
         assert_eq!(
             env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()),
@@ -335,6 +392,17 @@ async fn optional_objects_and_settings_render_and_install() {
             "{name}"
         );
     }
+    // The ambient credentials file: that one key of the Secret, read-only where the variable says.
+    assert_eq!(
+        container["volumeMounts"],
+        json!([{"name": "ambient-credentials", "mountPath": "/var/run/secrets/gcp-token-operator/ambient",
+            "readOnly": true}])
+    );
+    assert_eq!(
+        pod["spec"]["volumes"],
+        json!([{"name": "ambient-credentials", "secret": {"secretName": "operator-adc",
+            "items": [{"key": "adc.json", "path": "adc.json"}]}}])
+    );
     // Endpoints left empty stay Google's: the operator's defaults apply.
     assert!(
         !env.iter()
@@ -418,7 +486,7 @@ async fn cluster_rbac_is_the_reviewed_list_and_enough_for_every_flow() {
     let _alone = ONE_OPERATOR_AT_A_TIME.lock().await;
     let env = Env::new("rbac-cluster").await;
     let release = "rbac-cluster";
-    let objects = install_for_examples(&env, release, json!({})).await;
+    let objects = install_for_examples(&env, release, json!({"ambientNamespaces": [env.namespace]})).await;
     let fullname = format!("{release}-gcp-token-operator");
     assert_eq!(
         rules(helm::object(&objects, "ClusterRole", &fullname)),
@@ -439,7 +507,8 @@ async fn namespaced_rbac_is_enough_for_every_flow_and_confines_the_operator() {
     let _alone = ONE_OPERATOR_AT_A_TIME.lock().await;
     let env = Env::new("rbac-ns").await;
     let release = "rbac-namespaced";
-    let objects = install_for_examples(&env, release, json!({"watchNamespaces": [env.namespace]})).await;
+    let values = json!({"watchNamespaces": [env.namespace], "ambientNamespaces": [env.namespace]});
+    let objects = install_for_examples(&env, release, values).await;
     let fullname = format!("{release}-gcp-token-operator");
     assert!(
         !objects
