@@ -8,6 +8,7 @@
 //! copy of the CRDs.
 
 #[path = "support/example_world.rs"]
+#[allow(dead_code)] // operator_args: the chart passes it as ambientNamespaces
 mod example_world;
 #[path = "support/helm.rs"]
 mod helm;
@@ -486,7 +487,7 @@ async fn cluster_rbac_is_the_reviewed_list_and_enough_for_every_flow() {
     let _alone = ONE_OPERATOR_AT_A_TIME.lock().await;
     let env = Env::new("rbac-cluster").await;
     let release = "rbac-cluster";
-    let objects = install_for_examples(&env, release, json!({"ambientNamespaces": [env.namespace]})).await;
+    let objects = install_for_examples(&env, release, json!({})).await;
     let fullname = format!("{release}-gcp-token-operator");
     assert_eq!(
         rules(helm::object(&objects, "ClusterRole", &fullname)),
@@ -507,8 +508,7 @@ async fn namespaced_rbac_is_enough_for_every_flow_and_confines_the_operator() {
     let _alone = ONE_OPERATOR_AT_A_TIME.lock().await;
     let env = Env::new("rbac-ns").await;
     let release = "rbac-namespaced";
-    let values = json!({"watchNamespaces": [env.namespace], "ambientNamespaces": [env.namespace]});
-    let objects = install_for_examples(&env, release, values).await;
+    let objects = install_for_examples(&env, release, json!({"watchNamespaces": [env.namespace]})).await;
     let fullname = format!("{release}-gcp-token-operator");
     assert!(
         !objects
@@ -547,8 +547,10 @@ async fn namespaced_rbac_is_enough_for_every_flow_and_confines_the_operator() {
 }
 
 /// Installs the chart as release `release` in namespace `release`, with the Google endpoints
-/// pointing at the test's emulator, and returns the rendered objects.
+/// pointing at the test's emulator and `source.ambient` allowed in the examples' namespace (the
+/// chart's way of passing `example_world::operator_args`), and returns the rendered objects.
 async fn install_for_examples(env: &Env<'_>, release: &str, mut values: Value) -> Vec<Value> {
+    values["ambientNamespaces"] = json!([env.namespace]);
     let google = env.google.base_url();
     values["google"] = json!({
         "stsEndpoint": google, "iamCredentialsEndpoint": google, "developerConnectEndpoint": google,

@@ -51,6 +51,7 @@ fn every_flow_and_source_kind_has_an_example() {
     assert_eq!(flows, schema_choices("flow"), "add an example for each flow");
     assert_eq!(sources, schema_choices("source"), "add an example for each source kind");
     for (flow, source) in [
+        ("impersonation", "ambient"),
         ("sts", "serviceAccountToken"),
         ("impersonation", "tokenRequest"),
         ("impersonation", "secret"),
@@ -75,7 +76,8 @@ fn every_flow_and_source_kind_has_an_example() {
 async fn every_example_reaches_ready_when_applied_with_kubectl() {
     let mut env = Env::new("examples").await;
     example_world::register(&env.google, &env.namespace);
-    env.start_operator();
+    let args = example_world::operator_args(&env.namespace);
+    env.operator = Some(env.spawn_operator(&args.iter().map(String::as_str).collect::<Vec<_>>()));
     let applied = example_world::apply(env.control_plane.kubeconfig_path(), &env.namespace)
         .await
         .unwrap_or_else(|e| panic!("{e}"));

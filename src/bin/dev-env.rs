@@ -119,6 +119,7 @@ async fn run_demo(
     kubectl(kubeconfig, &["create", "namespace", &args.namespace]).await?;
 
     let log_path = control_plane.log_dir().join("operator.log");
+    let extra_args = example_world::operator_args(&args.namespace);
     let operator = OperatorProcess::spawn(OperatorOptions {
         binary: operator_binary,
         kubeconfig,
@@ -126,7 +127,7 @@ async fn run_demo(
         google: &google.base_url(),
         log_path: log_path.clone(),
         log_filter: "info",
-        extra_args: &[],
+        extra_args: &extra_args.iter().map(String::as_str).collect::<Vec<_>>(),
     })
     .with_context(|| format!("starting {}", operator_binary.display()))?;
     eprintln!(

@@ -1,6 +1,7 @@
 //! The world the manifests in `examples/` expect: what the Google emulator must know (the
-//! workload identity provider, the service accounts the examples impersonate and who may, the
-//! connectors), and `kubectl apply` of the examples into a namespace.
+//! workload identity provider, the operator's own identity, the service accounts the examples
+//! impersonate and who may, the connectors), what the operator must be told (`operator_args`), and
+//! `kubectl apply` of the examples into a namespace.
 //!
 //! Shared by the tests (`tests/examples.rs`, `tests/chart.rs`) and the local demo
 //! (`src/bin/dev-env.rs` includes this file), so the demo runs exactly what the tests prove.
@@ -25,6 +26,10 @@ const ACCOUNT_CONNECTOR: &str = "projects/demo-project/locations/us-central1/acc
 const DATA_CONNECTOR: &str = "projects/demo-project/locations/global/collections/jira/dataConnector";
 /// The Kubernetes ServiceAccount whose federated identity the impersonation examples use.
 const FEDERATED_SERVICE_ACCOUNT: &str = "builder";
+/// The operator's own Google identity (the metadata server's), which `examples/ambient.yaml` uses.
+const OPERATOR_IDENTITY: &str = "gcp-token-operator@demo-project.iam.gserviceaccount.com";
+/// The Google service account `examples/ambient.yaml` impersonates with the operator's identity.
+const AMBIENT_TARGET: &str = "auditor@demo-project.iam.gserviceaccount.com";
 
 /// Registers with `google` everything the examples reference, as Google would know it once the
 /// pool, the IAM bindings and the connectors are set up, for the examples applied in `namespace`.
@@ -42,8 +47,16 @@ pub fn register(google: &GoogleEmulator, namespace: &str) {
     for email in SERVICE_ACCOUNTS {
         google.add_service_account(email, &[&principal]);
     }
+    google.set_metadata_service_account(OPERATOR_IDENTITY);
+    google.add_service_account(AMBIENT_TARGET, &[&format!("serviceAccount:{OPERATOR_IDENTITY}")]);
     google.add_account_connector(ACCOUNT_CONNECTOR);
     google.add_data_connector(DATA_CONNECTOR);
+}
+
+/// The operator flags the examples need in `namespace` besides the Google endpoints: the ambient
+/// example may use the operator's own identity there.
+pub fn operator_args(namespace: &str) -> Vec<String> {
+    vec!["--ambient-namespace".to_owned(), namespace.to_owned()]
 }
 
 /// The example manifests, in name order.
