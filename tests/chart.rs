@@ -7,9 +7,6 @@
 //! `UPDATE_MANIFESTS=1 cargo test --test chart` regenerates `deploy/manifests/` and the chart's
 //! copy of the CRDs.
 
-#[path = "support/example_world.rs"]
-#[allow(dead_code)] // operator_args: the chart passes it as ambientNamespaces
-mod example_world;
 #[path = "support/helm.rs"]
 mod helm;
 mod support;
@@ -22,7 +19,10 @@ use std::{
 
 use gcp_token_operator::{
     crd::TokenRequest,
-    testkit::control_plane::{ControlPlane, apply_crds, mint_token, wait_for, wait_for_deletion},
+    testkit::{
+        control_plane::{ControlPlane, apply_crds, mint_token, wait_for, wait_for_deletion},
+        examples,
+    },
 };
 use k8s_openapi::{
     api::{
@@ -548,7 +548,7 @@ async fn namespaced_rbac_is_enough_for_every_flow_and_confines_the_operator() {
 
 /// Installs the chart as release `release` in namespace `release`, with the Google endpoints
 /// pointing at the test's emulator and `source.ambient` allowed in the examples' namespace (the
-/// chart's way of passing `example_world::operator_args`), and returns the rendered objects.
+/// chart's way of passing `examples::operator_args`), and returns the rendered objects.
 async fn install_for_examples(env: &Env<'_>, release: &str, mut values: Value) -> Vec<Value> {
     values["ambientNamespaces"] = json!([env.namespace]);
     let google = env.google.base_url();
@@ -664,12 +664,12 @@ fn token_kubeconfig(admin: &Path, token: &str) -> String {
 /// deletes the old one), and checks the Events and the Lease the operator wrote, and that the API
 /// server denied it nothing.
 async fn reconcile_every_example(env: &Env<'_>, operator: &ChartOperator) {
-    example_world::register(&env.google, &env.namespace);
-    example_world::apply(env.control_plane.kubeconfig_path(), &env.namespace)
+    examples::register(&env.google, &env.namespace);
+    examples::apply(env.control_plane.kubeconfig_path(), &env.namespace)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let log = || operator.log();
-    let examples = example_world::token_requests();
+    let examples = examples::token_requests();
     for example in &examples {
         let name = example.name_any();
         wait_for(

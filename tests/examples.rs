@@ -2,8 +2,6 @@
 //! with kubectl against the control plane, the Google emulator and the operator; and the local
 //! demo (`dev-env demo`) runs them and tears everything down on Ctrl-C.
 
-#[path = "support/example_world.rs"]
-mod example_world;
 mod support;
 
 use std::{
@@ -14,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gcp_token_operator::{crd::TokenRequest, render::fingerprint};
+use gcp_token_operator::{crd::TokenRequest, render::fingerprint, testkit::examples};
 use kube::{CustomResourceExt, ResourceExt};
 use serde_json::Value;
 use support::{Env, fingerprint as status_fingerprint};
@@ -41,7 +39,7 @@ fn schema_choices(field: &str) -> BTreeSet<String> {
 
 #[test]
 fn every_flow_and_source_kind_has_an_example() {
-    let examples = example_world::token_requests();
+    let examples = examples::token_requests();
     let pairs: BTreeSet<(String, String)> = examples
         .iter()
         .map(|tr| (chosen(&tr.spec.flow), chosen(&tr.spec.source)))
@@ -75,13 +73,13 @@ fn every_flow_and_source_kind_has_an_example() {
 #[tokio::test]
 async fn every_example_reaches_ready_when_applied_with_kubectl() {
     let mut env = Env::new("examples").await;
-    example_world::register(&env.google, &env.namespace);
-    let args = example_world::operator_args(&env.namespace);
-    env.operator = Some(env.spawn_operator(&args.iter().map(String::as_str).collect::<Vec<_>>()));
-    let applied = example_world::apply(env.control_plane.kubeconfig_path(), &env.namespace)
+    examples::register(&env.google, &env.namespace);
+    let namespace = env.namespace.clone();
+    env.operator = Some(env.spawn_operator(&examples::operator_args(&namespace)));
+    let applied = examples::apply(env.control_plane.kubeconfig_path(), &env.namespace)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    for tr in example_world::token_requests() {
+    for tr in examples::token_requests() {
         let name = tr.name_any();
         assert!(
             applied.contains(&format!("tokenrequest.gcptoken.dev/{name} created")),
@@ -134,10 +132,7 @@ fn demo_shows_every_example_ready_and_cleans_up_on_ctrl_c() {
             .expect("starting dev-env demo"),
     );
     let lines = demo.lines();
-    let examples: BTreeSet<String> = example_world::token_requests()
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
+    let examples: BTreeSet<String> = examples::token_requests().iter().map(ResourceExt::name_any).collect();
     let mut ready = BTreeSet::new();
     let mut output = String::new();
     let deadline = Instant::now() + Duration::from_secs(120);

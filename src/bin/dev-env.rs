@@ -14,14 +14,10 @@ use clap::{Parser, Subcommand};
 use gcp_token_operator::crd::TokenRequest;
 use gcp_token_operator::testkit::control_plane::{ControlPlane, apply_crds};
 use gcp_token_operator::testkit::emulator::{Endpoint, GoogleEmulator};
+use gcp_token_operator::testkit::examples;
 use gcp_token_operator::testkit::operator::{OperatorOptions, OperatorProcess};
 use kube::CustomResourceExt as _;
 use tokio::signal::unix::{SignalKind, signal};
-
-// The demo applies exactly what the tests prove to work.
-#[path = "../../tests/support/example_world.rs"]
-#[allow(dead_code)] // the tests use the rest
-mod example_world;
 
 /// Starts a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager v1.20)
 /// and prints the `export KUBECONFIG=...` line for it; `demo` adds the operator at work. Runs
@@ -110,7 +106,8 @@ async fn run_demo(
     for endpoint in [Endpoint::Sts, Endpoint::GenerateAccessToken, Endpoint::FetchAccessToken] {
         google.set_lifetime(endpoint, args.token_lifetime);
     }
-    example_world::register(&google, &args.namespace);
+    // The demo runs exactly what the tests prove to work.
+    examples::register(&google, &args.namespace);
     eprintln!("Google emulator on {}", google.base_url());
 
     let client = control_plane.client().await;
@@ -119,7 +116,7 @@ async fn run_demo(
     kubectl(kubeconfig, &["create", "namespace", &args.namespace]).await?;
 
     let log_path = control_plane.log_dir().join("operator.log");
-    let extra_args = example_world::operator_args(&args.namespace);
+    let extra_args = examples::operator_args(&args.namespace);
     let operator = OperatorProcess::spawn(OperatorOptions {
         binary: operator_binary,
         kubeconfig,
@@ -127,7 +124,7 @@ async fn run_demo(
         google: &google.base_url(),
         log_path: log_path.clone(),
         log_filter: "info",
-        extra_args: &extra_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        extra_args: &extra_args,
     })
     .with_context(|| format!("starting {}", operator_binary.display()))?;
     eprintln!(
@@ -138,7 +135,7 @@ async fn run_demo(
 
     print!(
         "{}",
-        example_world::apply(kubeconfig, &args.namespace)
+        examples::apply(kubeconfig, &args.namespace)
             .await
             .map_err(anyhow::Error::msg)?
     );

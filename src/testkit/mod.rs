@@ -4,4 +4,5 @@
 
 pub mod control_plane;
 pub mod emulator;
+pub mod examples;
 pub mod operator;

@@ -4,11 +4,11 @@
 //! `kubectl apply` of the examples into a namespace.
 //!
 //! Shared by the tests (`tests/examples.rs`, `tests/chart.rs`) and the local demo
-//! (`src/bin/dev-env.rs` includes this file), so the demo runs exactly what the tests prove.
+//! (`src/bin/dev-env.rs`), so the demo runs exactly what the tests prove.
 
 use std::path::{Path, PathBuf};
 
-use gcp_token_operator::{crd::TokenRequest, testkit::emulator::GoogleEmulator};
+use crate::{crd::TokenRequest, testkit::emulator::GoogleEmulator};
 
 /// The directory of example manifests.
 pub const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
@@ -55,8 +55,8 @@ pub fn register(google: &GoogleEmulator, namespace: &str) {
 
 /// The operator flags the examples need in `namespace` besides the Google endpoints: the ambient
 /// example may use the operator's own identity there.
-pub fn operator_args(namespace: &str) -> Vec<String> {
-    vec!["--ambient-namespace".to_owned(), namespace.to_owned()]
+pub fn operator_args(namespace: &str) -> [&str; 2] {
+    ["--ambient-namespace", namespace]
 }
 
 /// The example manifests, in name order.
