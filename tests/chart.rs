@@ -785,21 +785,16 @@ fn dockerfile_builds_as_documented_and_runs_as_the_charts_user() {
         dockerfile.contains(RELEASE_BUILD),
         "the Dockerfile does not run `{RELEASE_BUILD}`"
     );
-    // The README (or the section waiting to be merged into it) documents the same command.
-    let documenting: Vec<&str> = ["README.md", "docs/README-shipping.md"]
-        .into_iter()
-        .filter(|doc| {
-            std::fs::read_to_string(Path::new(ROOT).join(doc)).is_ok_and(|text| text.contains("docker build"))
-        })
-        .collect();
-    assert!(!documenting.is_empty(), "no README documents `docker build`");
-    for doc in documenting {
-        let text = std::fs::read_to_string(Path::new(ROOT).join(doc)).unwrap();
-        assert!(
-            text.contains(RELEASE_BUILD),
-            "{doc} documents another build than `{RELEASE_BUILD}`"
-        );
-    }
+    // The README documents the same command.
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    assert!(
+        readme.contains("docker build"),
+        "the README does not document `docker build`"
+    );
+    assert!(
+        readme.contains(RELEASE_BUILD),
+        "the README documents another build than `{RELEASE_BUILD}`"
+    );
 
     let stages: Vec<&str> = dockerfile.split("\nFROM ").skip(1).collect();
     assert!(stages.len() >= 2, "a multi-stage build");
