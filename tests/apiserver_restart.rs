@@ -17,12 +17,8 @@ const SA_EMAIL: &str = "restart@proj.iam.gserviceaccount.com";
 async fn operator_survives_an_apiserver_restart() {
     let control_plane = ControlPlane::start().await.expect("a control plane of our own");
     let mut env = Env::on(&control_plane, "apiserver").await;
-    env.google.add_service_account(SA_EMAIL, &["*"]);
     // 60 s tokens refreshed 45 s before expiry: the refresh falls due during the outage below.
-    env.google
-        .set_lifetime(Endpoint::GenerateAccessToken, Duration::from_secs(60));
-    let caller = env.caller_token().await;
-    env.put_secret("caller", "token", &caller).await;
+    env.prepare_impersonation(SA_EMAIL, Duration::from_secs(60)).await;
     env.start_operator();
     let spec = json!({
         "flow": {"impersonation": {"serviceAccount": SA_EMAIL, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}},

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use gcp_token_operator::testkit::{emulator::Endpoint, operator::OperatorProcess};
+use gcp_token_operator::testkit::operator::OperatorProcess;
 use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
 use kube::Api;
 use serde_json::json;
@@ -90,11 +90,7 @@ async fn fingerprints(env: &Env<'_>) -> Vec<Option<String>> {
 #[tokio::test]
 async fn standby_takes_over_and_sigterm_hands_over_at_once() {
     let mut env = Env::new("ha").await;
-    env.google.add_service_account(SA_EMAIL, &["*"]);
-    env.google
-        .set_lifetime(Endpoint::GenerateAccessToken, Duration::from_secs(20));
-    let caller = env.caller_token().await;
-    env.put_secret("caller", "token", &caller).await;
+    env.prepare_impersonation(SA_EMAIL, Duration::from_secs(20)).await;
     let namespace = env.namespace.clone();
     let lease_seconds = format!("{LEASE_SECONDS}s");
     let lease_args = [

@@ -314,11 +314,7 @@ async fn discovery_engine_with_a_secret_source_and_assumed_lifetime() {
 #[tokio::test]
 async fn short_lived_tokens_are_refreshed_again_and_again() {
     let mut env = Env::new("refresh").await;
-    env.google.add_service_account(SA_EMAIL, &["*"]);
-    env.google
-        .set_lifetime(Endpoint::GenerateAccessToken, Duration::from_secs(20));
-    let caller = env.caller_token().await;
-    env.put_secret("caller", "token", &caller).await;
+    env.prepare_impersonation(SA_EMAIL, Duration::from_secs(20)).await;
     env.start_operator();
     env.create(
         "short",
@@ -490,11 +486,7 @@ async fn spec_change_mints_at_once_and_deletion_collects_the_secret() {
 #[tokio::test]
 async fn transient_failures_keep_the_token_and_recover() {
     let mut env = Env::new("transient").await;
-    env.google.add_service_account(SA_EMAIL, &["*"]);
-    env.google
-        .set_lifetime(Endpoint::GenerateAccessToken, Duration::from_secs(30));
-    let caller = env.caller_token().await;
-    env.put_secret("caller", "token", &caller).await;
+    env.prepare_impersonation(SA_EMAIL, Duration::from_secs(30)).await;
     env.start_operator();
     env.create(
         "sa",

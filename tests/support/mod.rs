@@ -210,6 +210,18 @@ impl<'a> Env<'a> {
             .expect("creating a Secret");
     }
 
+    /// The world of an impersonation test: `service_account` exists and anyone may impersonate
+    /// it, its tokens live `lifetime`, and Secret `caller` (key `token`) holds a caller token.
+    pub async fn prepare_impersonation(&self, service_account: &str, lifetime: Duration) {
+        self.google.add_service_account(service_account, &["*"]);
+        self.google.set_lifetime(
+            gcp_token_operator::testkit::emulator::Endpoint::GenerateAccessToken,
+            lifetime,
+        );
+        let caller = self.caller_token().await;
+        self.put_secret("caller", "token", &caller).await;
+    }
+
     /// A valid access token issued by the emulator (from its metadata server), for callers.
     pub async fn caller_token(&self) -> String {
         self.google
