@@ -308,39 +308,49 @@ impl<'a> Bench<'a> {
     }
 
     async fn create_token_requests(&self, ns: &str, n: usize) -> anyhow::Result<()> {
-        let api: Api<TokenRequest> = Api::namespaced(self.client.clone(), ns);
-        stream::iter(0..n)
-            .map(|i| {
-                let api = api.clone();
-                async move {
-                    let tr: TokenRequest = serde_json::from_value(json!({
-                        "apiVersion": "gcptoken.dev/v1alpha1", "kind": "TokenRequest",
-                        "metadata": {"name": format!("tr-{i}")},
-                        "spec": {
-                            "flow": {"impersonation": {"serviceAccount": service_account(i), "scopes": [CLOUD_PLATFORM]}},
-                            "source": {"secret": {"name": "caller", "key": "token"}},
-                        },
-                    }))?;
-                    api.create(&PostParams::default(), &tr).await?;
-                    anyhow::Ok(())
-                }
+        self.create_many::<TokenRequest>(ns, n, |i| {
+            json!({
+                "apiVersion": "gcptoken.dev/v1alpha1", "kind": "TokenRequest",
+                "metadata": {"name": format!("tr-{i}")},
+                "spec": {
+                    "flow": {"impersonation": {"serviceAccount": service_account(i), "scopes": [CLOUD_PLATFORM]}},
+                    "source": {"secret": {"name": "caller", "key": "token"}},
+                },
             })
-            .buffer_unordered(self.args.parallelism)
-            .try_collect::<()>()
-            .await
+        })
+        .await
     }
 
     async fn create_unrelated_secrets(&self, ns: &str, n: usize) -> anyhow::Result<()> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        self.create_many::<Secret>(
+            ns,
+            n,
+            |i| json!({"metadata": {"name": format!("unrelated-{i}")}, "stringData": {"data": "x".repeat(256)}}),
+        )
+        .await
+    }
+
+    /// Creates `n` objects `object(0..n)`, as many at once as the operator's concurrency.
+    async fn create_many<K>(
+        &self,
+        ns: &str,
+        n: usize,
+        object: impl Fn(usize) -> serde_json::Value,
+    ) -> anyhow::Result<()>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
         stream::iter(0..n)
             .map(|i| {
-                let api = api.clone();
+                let (api, value) = (api.clone(), object(i));
                 async move {
-                    let secret: Secret = serde_json::from_value(json!({
-                        "metadata": {"name": format!("unrelated-{i}")},
-                        "stringData": {"data": "x".repeat(256)},
-                    }))?;
-                    api.create(&PostParams::default(), &secret).await?;
+                    let object: K = serde_json::from_value(value)?;
+                    api.create(&PostParams::default(), &object).await?;
                     anyhow::Ok(())
                 }
             })
