@@ -357,7 +357,12 @@ impl<'a> Reconciler<'a> {
     /// After `spec.secret.name` changed, the Secrets written under earlier names go.
     async fn delete_stale_secrets(&self, current: &str) {
         // Only after a rename: scanning the whole Secret cache on every mint costs O(N) each.
-        if self.status.secret_name.as_deref().is_none_or(|previous| previous == current) {
+        if self
+            .status
+            .secret_name
+            .as_deref()
+            .is_none_or(|previous| previous == current)
+        {
             return;
         }
         let uid = self.tr.uid().unwrap_or_default();
