@@ -1,12 +1,13 @@
 //! Command line: `run` (the default) and `crd`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use url::Url;
 
 use crate::{
     google::Endpoints,
+    ratelimit::{GoogleLimits, Rate, RateSetting},
     source::Ambient,
     telemetry::LogFormat,
     validation::{Policy, ServiceAccountRef},
@@ -42,6 +43,28 @@ pub struct RunArgs {
     /// TokenRequests reconciled at once (per watched namespace).
     #[arg(long, env = "GCP_TOKEN_OPERATOR_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+    /// Requests per second to each Google endpoint: `N` for all, `API=N` for one of sts,
+    /// iamcredentials, developerconnect, discoveryengine, oauth2, metadata. Repeatable.
+    #[arg(
+        long = "google-rate-limit",
+        env = "GCP_TOKEN_OPERATOR_GOOGLE_RATE_LIMIT",
+        value_delimiter = ',',
+        default_value = "100"
+    )]
+    pub google_rate_limits: Vec<RateSetting>,
+    /// Requests each Google endpoint may receive at once above its rate. Default: one second's worth.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_GOOGLE_BURST")]
+    pub google_burst: Option<NonZeroU32>,
+    /// Kubernetes API requests per second (watches included); 0 turns the limit off.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_KUBE_QPS", default_value_t = 100)]
+    pub kube_qps: u32,
+    /// Kubernetes API requests allowed at once above `--kube-qps`.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_KUBE_BURST", default_value_t = NonZeroU32::new(200).expect("not 0"))]
+    pub kube_burst: NonZeroU32,
+    /// Refreshes found overdue when the operator starts or takes over (e.g. after downtime) are
+    /// spread over this window, never later than halfway to the token's expiry.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_REFRESH_SPREAD", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub refresh_spread: Duration,
     /// Address of the health and metrics server.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
@@ -131,6 +154,19 @@ impl RunArgs {
         }
     }
 
+    pub fn google_limits(&self) -> GoogleLimits {
+        let default = NonZeroU32::new(100).expect("not 0");
+        GoogleLimits::new(&self.google_rate_limits, default, self.google_burst)
+    }
+
+    /// The client-side limit of Kubernetes API requests, if any.
+    pub fn kube_rate(&self) -> Option<Rate> {
+        NonZeroU32::new(self.kube_qps).map(|per_second| Rate {
+            per_second,
+            burst: self.kube_burst,
+        })
+    }
+
     pub fn policy(&self) -> Policy {
         Policy {
             ambient_namespaces: self.ambient_namespaces.iter().cloned().collect(),
@@ -174,7 +210,25 @@ mod tests {
             "team-a,team-b",
             "--operator-service-account",
             "ops/gcp-token-operator",
+            "--google-rate-limit",
+            "20,sts=5",
+            "--kube-qps",
+            "0",
         ]);
+        let limits = cli.run.google_limits();
+        assert_eq!(limits.rate(crate::google::Api::Sts).per_second.get(), 5);
+        assert_eq!(limits.rate(crate::google::Api::OAuth2).per_second.get(), 20);
+        assert_eq!(cli.run.kube_rate(), None);
+        let defaults = Cli::parse_from(["gcp-token-operator"]).run;
+        assert_eq!(
+            defaults.google_limits().rate(crate::google::Api::Sts).per_second.get(),
+            100
+        );
+        assert_eq!(
+            defaults.kube_rate().map(|r| (r.per_second.get(), r.burst.get())),
+            Some((100, 200))
+        );
+        assert_eq!(defaults.refresh_spread, Duration::from_secs(30));
         let policy = cli.run.policy();
         assert_eq!(
             policy.ambient_namespaces.iter().collect::<Vec<_>>(),

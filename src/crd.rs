@@ -42,6 +42,41 @@ pub struct TokenRequestSpec {
     /// When to refresh the token.
     #[serde(default)]
     pub refresh: RefreshSpec,
+    /// Workloads of this namespace to restart (a rolling restart, as `kubectl rollout restart`)
+    /// when the token in the Secret changes: for consumers that read it only at start, from an
+    /// environment variable or a `subPath` mount, which never see an update otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub rollout_restart_targets: Vec<RolloutRestartTarget>,
+    /// The least time between two restarts of the targets, e.g. `30m`. Default `10m`. A token
+    /// change within it restarts them when it has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_restart_min_interval: Option<String>,
+}
+
+/// A workload restarted when the token changes.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRestartTarget {
+    pub kind: WorkloadKind,
+    pub name: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+impl WorkloadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deployment => "Deployment",
+            Self::StatefulSet => "StatefulSet",
+            Self::DaemonSet => "DaemonSet",
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -398,6 +433,12 @@ pub struct TokenRequestStatus {
     pub failed_attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_time: Option<Time>,
+    /// Fingerprint of the token the rollout restart targets were last restarted for (or that was
+    /// current when they were first named).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_restart_fingerprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollout_restart_time: Option<Time>,
 }
 
 impl TokenRequest {

@@ -13,6 +13,7 @@ use gcp_token_operator::{
     http,
     leader::{self, LeaseSettings, Outcome},
     metrics::Metrics,
+    ratelimit::KubeRateLimitLayer,
     telemetry,
 };
 
@@ -35,14 +36,20 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
+    let builder = kube::client::ClientBuilder::try_from(config).context("building the Kubernetes client")?;
+    let client = match args.kube_rate() {
+        Some(rate) => builder.with_layer(&KubeRateLimitLayer::new(rate)).build(),
+        None => builder.build(),
+    };
     controller::check_crd(&client, &args.namespaces)
         .await
         .context("listing TokenRequests failed; is the CRD installed? (gcp-token-operator crd | kubectl apply -f -)")?;
     let metrics = Arc::new(Metrics::default());
-    let google = GoogleClient::new(args.endpoints(), metrics.clone()).context("building the HTTP client")?;
+    let google = GoogleClient::new(args.endpoints(), &args.google_limits(), metrics.clone())
+        .context("building the HTTP client")?;
     let ready = Arc::new(AtomicBool::new(false));
     let server = tokio::spawn(http::serve(args.http_addr, metrics.clone(), ready.clone()));
     let instance = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
@@ -62,6 +69,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ambient: args.ambient(),
         namespaces: args.namespaces,
         concurrency: args.concurrency,
+        refresh_spread: args.refresh_spread,
         instance,
     };
     let reconcile = controller::run(client.clone(), google, metrics, settings, ready.clone());

@@ -30,6 +30,11 @@ struct GoogleCallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     reason: &'static str,
 }
@@ -42,6 +47,8 @@ pub struct Metrics {
     next_refresh: Family<ObjectLabels, TimestampGauge>,
     refresh_attempts: Family<AttemptLabels, Counter>,
     google_latency: Family<GoogleCallLabels, Histogram>,
+    rate_limit_wait: Family<EndpointLabels, Histogram>,
+    throttled: Family<EndpointLabels, Counter>,
     reconcile_duration: Histogram,
     reconcile_errors: Family<ErrorLabels, Counter>,
 }
@@ -78,6 +85,19 @@ impl Default for Metrics {
             "Latency of calls to Google by endpoint and HTTP status class",
             google_latency.clone(),
         );
+        let rate_limit_wait =
+            Family::<EndpointLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "google_rate_limit_wait_seconds",
+            "Time calls to Google waited for the endpoint's rate limit or pushback",
+            rate_limit_wait.clone(),
+        );
+        let throttled = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "google_throttled",
+            "Calls to Google held back for later by the endpoint's rate limit or pushback",
+            throttled.clone(),
+        );
         let reconcile_duration = latency_histogram();
         registry.register(
             "reconcile_duration_seconds",
@@ -96,6 +116,8 @@ impl Default for Metrics {
             next_refresh,
             refresh_attempts,
             google_latency,
+            rate_limit_wait,
+            throttled,
             reconcile_duration,
             reconcile_errors,
         }
@@ -107,6 +129,20 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+
+    /// A call waited `waited` for its endpoint's limit, or (`None`) was held back for later.
+    pub fn observe_rate_limit(&self, api: Api, waited: Option<Duration>) {
+        let labels = EndpointLabels { endpoint: api.as_str() };
+        match waited {
+            Some(waited) => self
+                .rate_limit_wait
+                .get_or_create(&labels)
+                .observe(waited.as_secs_f64()),
+            None => {
+                self.throttled.get_or_create(&labels).inc();
+            }
+        }
     }
 
     pub fn observe_google_call(&self, api: Api, status_class: &'static str, elapsed: Duration) {

@@ -60,6 +60,27 @@ pub fn refresh_point(
     whole_second(expires_at.checked_sub(before).unwrap_or(issued_at).max(issued_at))
 }
 
+/// When a refresh that was already overdue when the operator started (`started_at`, e.g. after
+/// downtime or a failover) happens: spread over `window` by a per-object offset so they are not
+/// all fired together, yet never later than halfway from `started_at` to expiry. Any other
+/// refresh point is returned as is.
+pub fn catch_up_point(
+    refresh_at: Timestamp,
+    expires_at: Timestamp,
+    started_at: Timestamp,
+    window: Duration,
+    object_key: &str,
+) -> Timestamp {
+    if refresh_at >= started_at {
+        return refresh_at;
+    }
+    let remaining = Duration::try_from(expires_at.duration_since(started_at)).unwrap_or_default();
+    let spread = window.min(remaining / 2);
+    // Salted: the refresh jitter already uses the plain key, and the two should not correlate.
+    let offset = spread.mul_f64(unit_hash(&format!("{object_key}#catch-up")));
+    whole_second(started_at.checked_add(offset).unwrap_or(started_at)).max(refresh_at)
+}
+
 /// The expiry to assume when the API returned none.
 pub fn assumed_expiry(issued_at: Timestamp, policy: &RefreshPolicy) -> Timestamp {
     issued_at.checked_add(policy.lifetime_when_unknown).unwrap_or(issued_at)
@@ -132,6 +153,33 @@ mod tests {
             renew_before: RenewBefore::Percentage(p),
             lifetime_when_unknown: Duration::from_secs(900),
         }
+    }
+
+    #[test]
+    fn overdue_refreshes_at_start_are_spread() {
+        let window = Duration::from_secs(30);
+        let started = ts(1000);
+        // Not overdue at start: untouched.
+        assert_eq!(catch_up_point(ts(1005), ts(2000), started, window, "ns/a"), ts(1005));
+        let points: Vec<Timestamp> = (0..200)
+            .map(|i| catch_up_point(ts(900), ts(2000), started, window, &format!("ns/tr-{i}")))
+            .collect();
+        assert!(points.iter().all(|p| *p >= started && *p <= ts(1030)));
+        let distinct: std::collections::BTreeSet<_> = points.iter().collect();
+        assert!(
+            distinct.len() >= 25,
+            "spread over the window's seconds: {}",
+            distinct.len()
+        );
+        // Stable: a restart computes the same point.
+        assert_eq!(points[7], catch_up_point(ts(900), ts(2000), started, window, "ns/tr-7"));
+        // Close to expiry the spread shrinks to half the time left.
+        for i in 0..50 {
+            let p = catch_up_point(ts(900), ts(1010), started, window, &format!("ns/tr-{i}"));
+            assert!(p >= started && p <= ts(1005), "{p}");
+        }
+        // Already expired: now.
+        assert_eq!(catch_up_point(ts(900), ts(990), started, window, "ns/a"), started);
     }
 
     #[test]

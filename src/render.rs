@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     crd::{SecretType, TokenRequest},
-    validation::{EXPIRES_AT_KEY, SecretLayout, TOKEN_TYPE_KEY, ValidSpec},
+    validation::{EXPIRES_AT_KEY, SecretLayout, TOKEN_TYPE_KEY, ValidSpec, previous_token_key},
 };
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -29,6 +29,7 @@ pub const ISSUED_AT_ANNOTATION: &str = "gcptoken.dev/issued-at";
 pub const SPEC_HASH_ANNOTATION: &str = "gcptoken.dev/spec-hash";
 pub const FINGERPRINT_ANNOTATION: &str = "gcptoken.dev/token-fingerprint";
 pub const SCOPES_ANNOTATION: &str = "gcptoken.dev/scopes";
+pub const PREVIOUS_EXPIRES_AT_ANNOTATION: &str = "gcptoken.dev/previous-expires-at";
 const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 const DOCKER_USERNAME: &str = "oauth2accesstoken";
 
@@ -47,11 +48,29 @@ impl TokenRecord {
     }
 }
 
+/// The token a refresh replaced: kept beside the new one until it expires, so a consumer that
+/// reads the Secret while the update propagates still holds a token that works.
+#[derive(Clone, Debug)]
+pub struct PreviousToken {
+    pub token: SecretString,
+    pub expires_at: Timestamp,
+}
+
+impl From<&TokenRecord> for PreviousToken {
+    fn from(record: &TokenRecord) -> Self {
+        Self {
+            token: record.token.clone(),
+            expires_at: record.expires_at,
+        }
+    }
+}
+
 /// A token read back from a Secret, with the hash of the spec that produced it.
 #[derive(Clone, Debug)]
 pub struct StoredToken {
     pub record: TokenRecord,
     pub spec_hash: String,
+    pub previous: Option<PreviousToken>,
 }
 
 /// First 12 hex characters of the token's SHA-256: tells tokens apart without revealing them.
@@ -64,8 +83,15 @@ pub fn is_reserved_metadata_key(key: &str) -> bool {
     key == MANAGED_BY_LABEL || key.starts_with("gcptoken.dev/")
 }
 
-/// The whole Secret as the operator wants it: server-side applied as is.
-pub fn desired_secret(tr: &TokenRequest, spec: &ValidSpec, record: &TokenRecord) -> Secret {
+/// The whole Secret as the operator wants it: server-side applied as is. `previous` is kept in
+/// Opaque Secrets only (an image pull reads the Secret when it happens, so it has no use there).
+pub fn desired_secret(
+    tr: &TokenRequest,
+    spec: &ValidSpec,
+    record: &TokenRecord,
+    previous: Option<&PreviousToken>,
+) -> Secret {
+    let previous = previous.filter(|_| spec.secret.type_ == SecretType::Opaque);
     let layout = &spec.secret;
     let mut labels = layout.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
@@ -78,6 +104,14 @@ pub fn desired_secret(tr: &TokenRequest, spec: &ValidSpec, record: &TokenRecord)
     if !record.scopes.is_empty() {
         annotations.insert(SCOPES_ANNOTATION.into(), record.scopes.join(" "));
     }
+    let mut data = secret_data(layout, record);
+    if let Some(previous) = previous {
+        annotations.insert(PREVIOUS_EXPIRES_AT_ANNOTATION.into(), rfc3339(previous.expires_at));
+        data.insert(
+            previous_token_key(&layout.token_key),
+            ByteString(previous.token.expose_secret().as_bytes().to_vec()),
+        );
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(layout.name.clone()),
@@ -88,7 +122,7 @@ pub fn desired_secret(tr: &TokenRequest, spec: &ValidSpec, record: &TokenRecord)
             ..Default::default()
         },
         type_: Some(layout.type_.as_str().into()),
-        data: Some(secret_data(layout, record)),
+        data: Some(data),
         ..Default::default()
     }
 }
@@ -148,6 +182,17 @@ pub fn stored_token(secret: &Secret, layout: &SecretLayout) -> Option<StoredToke
             scopes,
         },
         spec_hash: annotations.get(SPEC_HASH_ANNOTATION)?.clone(),
+        previous: previous_token(secret, layout),
+    })
+}
+
+fn previous_token(secret: &Secret, layout: &SecretLayout) -> Option<PreviousToken> {
+    let expires_at = secret.annotations().get(PREVIOUS_EXPIRES_AT_ANNOTATION)?.parse().ok()?;
+    let bytes = &secret.data.as_ref()?.get(&previous_token_key(&layout.token_key))?.0;
+    let token = String::from_utf8(bytes.clone()).ok()?;
+    Some(PreviousToken {
+        token: SecretString::from(token),
+        expires_at,
     })
 }
 
@@ -241,7 +286,7 @@ mod tests {
             policy: &Policy::default(),
         };
         let spec = validate(&tr.spec, &at).unwrap();
-        (desired_secret(&tr, &spec, &record(token)), spec)
+        (desired_secret(&tr, &spec, &record(token), None), spec)
     }
 
     #[test]
@@ -268,6 +313,47 @@ mod tests {
         assert_eq!(stored.record.expires_at, record("").expires_at);
         assert_eq!(stored.record.scopes, vec!["s1", "s2"]);
         assert_eq!(stored.spec_hash, spec.token_hash);
+    }
+
+    #[test]
+    fn the_previous_token_is_kept_beside_the_new_one() {
+        let tr = token_request(SecretSpec::default());
+        let at = Placement {
+            namespace: "ns",
+            name: "tr",
+            policy: &Policy::default(),
+        };
+        let spec = validate(&tr.spec, &at).unwrap();
+        let previous = PreviousToken::from(&record("ya29.old"));
+        let secret = desired_secret(&tr, &spec, &record("ya29.new"), Some(&previous));
+        let data = secret.data.as_ref().unwrap();
+        assert_eq!(data["token"].0, b"ya29.new");
+        assert_eq!(data["token.previous"].0, b"ya29.old");
+        assert_eq!(
+            secret.annotations()[PREVIOUS_EXPIRES_AT_ANNOTATION],
+            "2026-01-01T01:00:00Z"
+        );
+        let stored = stored_token(&secret, &spec.secret).unwrap();
+        assert_eq!(stored.record.token.expose_secret(), "ya29.new");
+        let kept = stored.previous.unwrap();
+        assert_eq!(kept.token.expose_secret(), "ya29.old");
+        assert_eq!(kept.expires_at, previous.expires_at);
+        // Without a previous token the key and the annotation are gone (server-side apply drops them).
+        let without = desired_secret(&tr, &spec, &record("ya29.new"), None);
+        assert!(!without.data.as_ref().unwrap().contains_key("token.previous"));
+        assert!(!without.annotations().contains_key(PREVIOUS_EXPIRES_AT_ANNOTATION));
+        assert!(!secret_is_current(&secret, &without));
+
+        // Image pull Secrets carry the current token only.
+        let docker = token_request(SecretSpec {
+            type_: SecretType::DockerConfigJson,
+            registries: vec!["gcr.io".into()],
+            ..Default::default()
+        });
+        let spec = validate(&docker.spec, &at).unwrap();
+        let secret = desired_secret(&docker, &spec, &record("ya29.new"), Some(&previous));
+        assert_eq!(secret.data.as_ref().unwrap().len(), 1);
+        assert!(!secret.annotations().contains_key(PREVIOUS_EXPIRES_AT_ANNOTATION));
     }
 
     #[test]

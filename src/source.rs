@@ -163,6 +163,13 @@ impl SourceError {
             _ => None,
         }
     }
+
+    pub fn throttled(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Exchange { source, .. } => source.throttled(),
+            _ => None,
+        }
+    }
 }
 
 /// Where sources are looked up, and what the operator keeps of them.

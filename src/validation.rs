@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::crd::{
     AccessBoundary, RefreshSpec, SecretFormat, SecretSpec, SecretType, ServiceAccountTokenSource, SourceSpec,
-    SubjectTokenSource, SubjectTokenType, TokenRequestSpec,
+    SubjectTokenSource, SubjectTokenType, TokenRequestSpec, WorkloadKind,
 };
 
 pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -21,9 +21,17 @@ const DEFAULT_IMPERSONATION_LIFETIME: Duration = Duration::from_secs(3600);
 pub const MAX_IMPERSONATION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 const DEFAULT_SA_TOKEN_EXPIRATION: i64 = 3600;
 const DEFAULT_TOKEN_KEY: &str = "token";
+const DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL: Duration = Duration::from_secs(10 * 60);
 /// Keys the operator writes next to the token in an Opaque Secret.
 pub const EXPIRES_AT_KEY: &str = "expires_at";
 pub const TOKEN_TYPE_KEY: &str = "token_type";
+
+/// Opaque Secrets: where the token replaced at the last refresh is kept until it expires.
+pub const PREVIOUS_SUFFIX: &str = ".previous";
+
+pub fn previous_token_key(token_key: &str) -> String {
+    format!("{token_key}{PREVIOUS_SUFFIX}")
+}
 
 /// A spec that passed validation, with defaults applied.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +40,7 @@ pub struct ValidSpec {
     pub source: Source,
     pub secret: SecretLayout,
     pub refresh: RefreshPolicy,
+    pub rollout: RolloutPlan,
     /// Hash of what determines the token (flow and source): a Secret written under another hash
     /// holds a token the current spec did not produce.
     pub token_hash: String,
@@ -190,6 +199,13 @@ pub struct SecretLayout {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// The workloads restarted when the token changes, and how often at most.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RolloutPlan {
+    pub targets: Vec<(WorkloadKind, String)>,
+    pub min_interval: Duration,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RenewBefore {
     Percentage(u8),
@@ -236,6 +252,7 @@ pub fn validate(spec: &TokenRequestSpec, at: &Placement<'_>) -> Result<ValidSpec
     let source = validate_source(&spec.source, flow.as_ref(), at, &mut p);
     let secret = validate_secret(&spec.secret, own_name, &mut p);
     let refresh = validate_refresh(&spec.refresh, &mut p);
+    let rollout = validate_rollout(spec, &mut p);
     match (flow, source) {
         (Some(flow), Some(source)) if p.0.is_empty() => {
             let token_hash = hash_of(&(&flow, &source));
@@ -244,6 +261,7 @@ pub fn validate(spec: &TokenRequestSpec, at: &Placement<'_>) -> Result<ValidSpec
                 source,
                 secret,
                 refresh,
+                rollout,
                 token_hash,
             })
         }
@@ -576,9 +594,11 @@ fn validate_secret(spec: &SecretSpec, own_name: &str, p: &mut Problems) -> Secre
             p.check(spec.registries.is_empty(), || {
                 "spec.secret.registries is only valid with type kubernetes.io/dockerconfigjson".into()
             });
-            p.check(is_secret_key(&token_key), || {
-                format!("spec.secret.tokenKey {token_key:?} is not a valid Secret key")
-            });
+            // The previous token goes under the same key with a suffix, which must fit too.
+            p.check(
+                is_secret_key(&token_key) && is_secret_key(&previous_token_key(&token_key)),
+                || format!("spec.secret.tokenKey {token_key:?} is not a valid Secret key"),
+            );
             p.check(token_key != EXPIRES_AT_KEY && token_key != TOKEN_TYPE_KEY, || {
                 format!("spec.secret.tokenKey must not be {EXPIRES_AT_KEY:?} or {TOKEN_TYPE_KEY:?}, which the operator writes")
             });
@@ -649,6 +669,28 @@ fn validate_refresh(spec: &RefreshSpec, p: &mut Problems) -> RefreshPolicy {
         renew_before,
         lifetime_when_unknown,
     }
+}
+
+fn validate_rollout(spec: &TokenRequestSpec, p: &mut Problems) -> RolloutPlan {
+    let mut targets = Vec::new();
+    for (i, target) in spec.rollout_restart_targets.iter().enumerate() {
+        check_name(&target.name, &format!("spec.rolloutRestartTargets[{i}].name"), p);
+        let entry = (target.kind, target.name.clone());
+        p.check(!targets.contains(&entry), || {
+            format!(
+                "spec.rolloutRestartTargets[{i}]: {} {:?} is named twice",
+                target.kind.as_str(),
+                target.name
+            )
+        });
+        targets.push(entry);
+    }
+    let min_interval = spec
+        .rollout_restart_min_interval
+        .as_deref()
+        .and_then(|text| parse_duration(text, "spec.rolloutRestartMinInterval", p))
+        .unwrap_or(DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL);
+    RolloutPlan { targets, min_interval }
 }
 
 fn validate_access_boundary(boundary: &AccessBoundary, p: &mut Problems) {
@@ -838,6 +880,8 @@ mod tests {
             },
             secret: Default::default(),
             refresh: Default::default(),
+            rollout_restart_targets: Vec::new(),
+            rollout_restart_min_interval: None,
         }
     }
 
@@ -1075,6 +1119,49 @@ mod tests {
         spec.flow.sts.as_mut().unwrap().scopes = vec!["https://www.googleapis.com/auth/devstorage.read_only".into()];
         let c = check(&spec).unwrap();
         assert_ne!(a.token_hash, c.token_hash);
+    }
+
+    #[test]
+    fn rollout_restart_targets() {
+        let mut spec = sts_spec();
+        assert_eq!(check(&spec).unwrap().rollout.min_interval, Duration::from_secs(600));
+        let plain = check(&spec).unwrap().token_hash;
+        spec.rollout_restart_targets = serde_json::from_value(serde_json::json!([
+            {"kind": "Deployment", "name": "web"},
+            {"kind": "StatefulSet", "name": "web"},
+        ]))
+        .unwrap();
+        spec.rollout_restart_min_interval = Some("30m".into());
+        let v = check(&spec).unwrap();
+        assert_eq!(v.rollout.min_interval, Duration::from_secs(1800));
+        assert_eq!(
+            v.rollout.targets,
+            vec![
+                (WorkloadKind::Deployment, "web".to_string()),
+                (WorkloadKind::StatefulSet, "web".to_string())
+            ]
+        );
+        assert_eq!(v.token_hash, plain, "targets do not change the token");
+        spec.rollout_restart_targets
+            .push(spec.rollout_restart_targets[0].clone());
+        spec.rollout_restart_targets[1].name = "Not_A_Name".into();
+        spec.rollout_restart_min_interval = Some("soon".into());
+        let problems = check(&spec).unwrap_err().problems;
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("spec.rolloutRestartTargets[1].name"));
+        assert!(problems[1].contains("Deployment \"web\" is named twice"));
+        assert!(problems[2].contains("spec.rolloutRestartMinInterval"));
+    }
+
+    #[test]
+    fn token_keys_leave_room_for_the_previous_token() {
+        let mut spec = sts_spec();
+        spec.secret.token_key = Some("k".repeat(253));
+        assert!(check(&spec).is_err());
+        spec.secret.token_key = Some("k".repeat(244));
+        assert!(check(&spec).is_ok());
+        spec.secret.token_key = Some(".".into());
+        assert!(check(&spec).is_err());
     }
 
     fn from_json(value: serde_json::Value) -> TokenRequestSpec {

@@ -54,6 +54,10 @@ const REVIEWED_RULES: &[(&str, &str, &[&str])] = &[
     ("", "secrets", &["get", "list", "watch", "create", "patch", "delete"]),
     ("", "serviceaccounts/token", &["create"]),
     ("events.k8s.io", "events", &["create", "patch"]),
+    // `spec.rolloutRestartTargets` (on by default; `rolloutRestarts.enabled`).
+    ("apps", "deployments", &["patch"]),
+    ("apps", "statefulsets", &["patch"]),
+    ("apps", "daemonsets", &["patch"]),
 ];
 /// The leader-election Role, in the release namespace only.
 const REVIEWED_LEASE_RULES: &[(&str, &str, &[&str])] = &[(
@@ -285,6 +289,14 @@ async fn wrong_values_fail_the_install() {
             json!({"serviceAccount": {"create": false}}),
             "serviceAccount.name must name",
         ),
+        (
+            json!({"rateLimits": {"google": {"perEndpoint": {"storage": 5}}}}),
+            "additional properties 'storage' not allowed",
+        ),
+        (
+            json!({"rateLimits": {"google": {"perSecond": 0}}}),
+            "at '/rateLimits/google/perSecond'",
+        ),
     ];
     for (values, expected) in cases {
         match helm::install(kubeconfig, "rejected", "rejected", &values).await {
@@ -333,6 +345,10 @@ async fn optional_objects_and_settings_render_and_install() {
         "priorityClassName": "system-cluster-critical",
         "metrics": {"serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}}},
         "podDisruptionBudget": {"enabled": true, "minAvailable": 1},
+        "rateLimits": {"google": {"perSecond": 40, "perEndpoint": {"sts": 10}, "burst": 5},
+            "kubernetes": {"qps": 0, "burst": 50}},
+        "refreshSpread": "2m",
+        "rolloutRestarts": {"enabled": false},
     });
     let kubeconfig = control_plane.kubeconfig_path();
     let manifest = helm::install(kubeconfig, "options", "options", &values)
@@ -382,6 +398,11 @@ async fn optional_objects_and_settings_render_and_install() {
             "options/options-gcp-token-operator",
         ),
         ("GCP_TOKEN_OPERATOR_AMBIENT_NAMESPACES", "team-a,team-b"),
+        ("GCP_TOKEN_OPERATOR_GOOGLE_RATE_LIMIT", "40,sts=10"),
+        ("GCP_TOKEN_OPERATOR_GOOGLE_BURST", "5"),
+        ("GCP_TOKEN_OPERATOR_KUBE_QPS", "0"),
+        ("GCP_TOKEN_OPERATOR_KUBE_BURST", "50"),
+        ("GCP_TOKEN_OPERATOR_REFRESH_SPREAD", "2m"),
         (
             "GOOGLE_APPLICATION_CREDENTIALS",
             "/var/run/secrets/gcp-token-operator/ambient/adc.json",
@@ -409,6 +430,10 @@ async fn optional_objects_and_settings_render_and_install() {
         !env.iter()
             .any(|(n, _)| n == "GCP_TOKEN_OPERATOR_IAM_CREDENTIALS_ENDPOINT")
     );
+
+    // Without rollout restarts the operator may not touch workloads.
+    let role = helm::object(&objects, "ClusterRole", fullname);
+    assert!(rules(role).iter().all(|(group, _, _)| group != "apps"));
 
     // Kubernetes 1.20 has no policy/v1: the chart falls back to v1beta1.
     let budget = helm::object(&objects, "PodDisruptionBudget", fullname);

@@ -11,14 +11,17 @@ use std::{
 };
 
 use futures::{StreamExt, future};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::{
+    api::core::v1::{ObjectReference, Secret},
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::ListParams,
     runtime::{
         Controller, WatchStreamExt,
         controller::{self, Action},
-        events::{Recorder, Reporter},
+        events::{Event, EventType, Recorder, Reporter},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -30,6 +33,7 @@ use crate::{
     crd::TokenRequest,
     google::{GoogleClient, GoogleError, IssuedToken},
     metrics::{Metrics, ObjectLabels},
+    refresh,
     render::{MANAGED_SELECTOR, TOKEN_REQUEST_LABEL},
     singleflight::SingleFlight,
     source::{Ambient, KeptCredentials},
@@ -43,13 +47,55 @@ pub const FIELD_MANAGER: &str = "gcp-token-operator";
 pub struct Context {
     pub client: Client,
     pub google: GoogleClient,
-    pub recorder: Recorder,
+    pub events: EventRecorders,
     pub metrics: Arc<Metrics>,
     pub token_requests: Store<TokenRequest>,
     pub secrets: Store<Secret>,
     pub policy: Arc<Policy>,
     pub ambient: Ambient,
     pub exchanges: Exchanges,
+    /// When this controller started (or this replica took over): refreshes overdue then are spread.
+    pub started_at: Timestamp,
+    pub refresh_spread: Duration,
+}
+
+/// Where Events go. kube's `Recorder` keeps every Event it published for six minutes, to count
+/// repeats into a series, and scans that whole cache on each publish: a cold start of N
+/// TokenRequests would cost O(N²) and hold N Events. So one-off Events (`Normal`) go through a
+/// recorder that keeps nothing, and repeatable ones (`Warning`, one per failed retry) through one
+/// of several shards, each TokenRequest always the same one.
+pub struct EventRecorders {
+    client: Client,
+    reporter: Reporter,
+    warnings: Vec<Recorder>,
+}
+
+const WARNING_SHARDS: usize = 32;
+
+impl EventRecorders {
+    fn new(client: &Client, reporter: Reporter) -> Self {
+        let warnings = (0..WARNING_SHARDS)
+            .map(|_| Recorder::new(client.clone(), reporter.clone()))
+            .collect();
+        Self {
+            client: client.clone(),
+            reporter,
+            warnings,
+        }
+    }
+
+    pub async fn publish(&self, event: &Event, regarding: &ObjectReference) -> Result<(), kube::Error> {
+        let recorder = match event.type_ {
+            EventType::Normal => Recorder::new(self.client.clone(), self.reporter.clone()),
+            EventType::Warning => {
+                let mut hasher = std::hash::DefaultHasher::new();
+                std::hash::Hash::hash(&(&regarding.namespace, &regarding.name), &mut hasher);
+                let shard = std::hash::Hasher::finish(&hasher) as usize % self.warnings.len();
+                self.warnings[shard].clone()
+            }
+        };
+        recorder.publish(event, regarding).await
+    }
 }
 
 /// Calls to Google shared across TokenRequests (and namespaces): one per operator.
@@ -65,6 +111,8 @@ pub struct Settings {
     /// Namespaces to watch; empty means all.
     pub namespaces: Vec<String>,
     pub concurrency: u16,
+    /// The window over which refreshes overdue at start are spread.
+    pub refresh_spread: Duration,
     /// Reported as the Events' reporting instance (the pod name in a cluster).
     pub instance: String,
     pub policy: Policy,
@@ -183,8 +231,8 @@ fn controller_for(
     let ctx = Arc::new(Context {
         client: client.clone(),
         google: google.clone(),
-        recorder: Recorder::new(
-            client.clone(),
+        events: EventRecorders::new(
+            client,
             Reporter {
                 controller: FIELD_MANAGER.into(),
                 instance: Some(settings.instance.clone()),
@@ -196,6 +244,8 @@ fn controller_for(
         policy: Arc::new(settings.policy.clone()),
         ambient: settings.ambient.clone(),
         exchanges: exchanges.clone(),
+        started_at: refresh::whole_second(Timestamp::now()),
+        refresh_spread: settings.refresh_spread,
     });
     let mapper_store = tr_reader.clone();
     let metrics = metrics.clone();

@@ -3,7 +3,15 @@
 
 use std::{sync::Arc, time::Instant};
 
-use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::{
+        apps::v1::{DaemonSet, Deployment, StatefulSet},
+        core::v1::Secret,
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+    jiff::Timestamp,
+};
 use kube::{
     Api, Resource, ResourceExt,
     api::{Patch, PatchParams},
@@ -18,16 +26,20 @@ use tracing::{debug, info, warn};
 
 use super::{Context, FIELD_MANAGER};
 use crate::{
-    crd::{TokenRequest, TokenRequestStatus},
+    crd::{TokenRequest, TokenRequestStatus, WorkloadKind},
     google::{GoogleError, IssuedToken},
     metrics::ObjectLabels,
     refresh::{self, ErrorClass},
-    render::{self, StoredToken, TokenRecord},
+    render::{self, PreviousToken, StoredToken, TokenRecord},
+    rollout::{self, Step},
     singleflight::Key,
     source::{SourceError, Sources},
     status::{self, Reason},
     validation::{Flow, Placement, ValidSpec, caller_scopes, validate},
 };
+
+/// How soon a failed rollout restart is tried again.
+const ROLLOUT_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Failures that end a reconcile without a status written; retried by the error policy.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +97,15 @@ impl Failure {
             Self::Source(e) => e.reason(),
             Self::Google(e) => e.reason(),
             Self::ApplySecret { .. } => Reason::ApiError,
+        }
+    }
+
+    /// Held back by the operator's own rate limit: come back then, with nothing to report.
+    fn throttled(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Source(e) => e.throttled(),
+            Self::Google(e) => e.throttled(),
+            Self::ApplySecret { .. } => None,
         }
     }
 
@@ -170,7 +191,15 @@ impl<'a> Reconciler<'a> {
     }
 
     fn refresh_point(&self, spec: &ValidSpec, record: &TokenRecord) -> Timestamp {
-        refresh::refresh_point(record.issued_at, record.expires_at, &spec.refresh, &self.object_key())
+        let key = self.object_key();
+        let at = refresh::refresh_point(record.issued_at, record.expires_at, &spec.refresh, &key);
+        refresh::catch_up_point(
+            at,
+            record.expires_at,
+            self.ctx.started_at,
+            self.ctx.refresh_spread,
+            &key,
+        )
     }
 
     fn generation_observed(&self) -> bool {
@@ -241,14 +270,18 @@ impl<'a> Reconciler<'a> {
         token: &StoredToken,
         refresh_at: Timestamp,
     ) -> Result<Action, Error> {
-        if let Err(failure) = self.apply_secret(spec, existing, &token.record).await {
+        // The previous token stays until it expires; a reconcile then drops it.
+        let previous = token.previous.as_ref().filter(|p| p.expires_at > self.now);
+        if let Err(failure) = self.apply_secret(spec, existing, &token.record, previous).await {
             return self.failed(spec, Some(token), failure).await;
         }
         let reason = match self.tr.ready_condition().map(|c| c.reason.as_str()) {
             Some("Refreshed") => Reason::Refreshed,
             _ => Reason::Issued,
         };
-        self.succeeded(spec, &token.record, refresh_at, reason).await
+        let previous_expiry = previous.map(|p| p.expires_at);
+        self.succeeded(spec, &token.record, refresh_at, reason, previous_expiry)
+            .await
     }
 
     async fn mint_and_store(
@@ -260,12 +293,17 @@ impl<'a> Reconciler<'a> {
         let flow = spec.flow.name();
         let minted = match self.mint(spec).await {
             Ok(record) => record,
+            Err(failure) if let Some(wait) = failure.throttled() => {
+                debug!(namespace = %self.namespace, name = %self.name, ?wait, "held back by the Google rate limit");
+                return Ok(Action::requeue(wait.max(refresh::MIN_DELAY)));
+            }
             Err(failure) => {
                 self.ctx.metrics.count_attempt(flow, failure.reason().as_str());
                 return self.failed(spec, valid, failure).await;
             }
         };
-        if let Err(failure) = self.apply_secret(spec, existing, &minted).await {
+        let previous = valid.map(|t| PreviousToken::from(&t.record));
+        if let Err(failure) = self.apply_secret(spec, existing, &minted, previous.as_ref()).await {
             self.ctx.metrics.count_attempt(flow, failure.reason().as_str());
             return self.failed(spec, valid, failure).await;
         }
@@ -298,7 +336,8 @@ impl<'a> Reconciler<'a> {
             .await;
         }
         let refresh_at = self.refresh_point(spec, &minted);
-        self.succeeded(spec, &minted, refresh_at, reason).await
+        let previous_expiry = previous.map(|p| p.expires_at);
+        self.succeeded(spec, &minted, refresh_at, reason, previous_expiry).await
     }
 
     async fn mint(&self, spec: &ValidSpec) -> Result<TokenRecord, Failure> {
@@ -336,8 +375,14 @@ impl<'a> Reconciler<'a> {
     }
 
     /// Server-side applies the Secret, unless it already is exactly as desired.
-    async fn apply_secret(&self, spec: &ValidSpec, existing: &Existing, record: &TokenRecord) -> Result<(), Failure> {
-        let desired = render::desired_secret(self.tr, spec, record);
+    async fn apply_secret(
+        &self,
+        spec: &ValidSpec,
+        existing: &Existing,
+        record: &TokenRecord,
+        previous: Option<&PreviousToken>,
+    ) -> Result<(), Failure> {
+        let desired = render::desired_secret(self.tr, spec, record, previous);
         if let Existing::Owned(current) = existing
             && render::secret_is_current(current, &desired)
         {
@@ -385,6 +430,7 @@ impl<'a> Reconciler<'a> {
         record: &TokenRecord,
         refresh_at: Timestamp,
         reason: Reason,
+        previous_expiry: Option<Timestamp>,
     ) -> Result<Action, Error> {
         let message = format!(
             "Secret {} holds a token from {} that expires at {}; refresh at {}",
@@ -400,9 +446,112 @@ impl<'a> Reconciler<'a> {
         status.scopes = record.scopes.clone();
         status.token_fingerprint = Some(record.fingerprint());
         status.failed_attempts = None;
+        let restart_at = self.restart_rollouts(spec, record, &mut status).await;
         self.set_schedule(Some(record.expires_at), refresh_at);
         self.write_status(status).await?;
-        Ok(Action::requeue(refresh::delay_until(Timestamp::now(), refresh_at)))
+        let wake = [Some(refresh_at), previous_expiry, restart_at]
+            .into_iter()
+            .flatten()
+            .min();
+        Ok(Action::requeue(refresh::delay_until(
+            Timestamp::now(),
+            wake.unwrap_or(refresh_at),
+        )))
+    }
+
+    /// Restarts `spec.rolloutRestartTargets` when the token changed since they last were, at most
+    /// once per minimum interval; records that in `status`. Returns when to come back for a
+    /// restart that has to wait (the interval) or to be retried (a failed patch).
+    async fn restart_rollouts(
+        &self,
+        spec: &ValidSpec,
+        record: &TokenRecord,
+        status: &mut TokenRequestStatus,
+    ) -> Option<Timestamp> {
+        let plan = &spec.rollout;
+        if plan.targets.is_empty() {
+            status.rollout_restart_fingerprint = None;
+            status.last_rollout_restart_time = None;
+            return None;
+        }
+        let current = record.fingerprint();
+        let last_restart = status.last_rollout_restart_time.as_ref().map(|t| t.0);
+        let step = rollout::next_step(
+            status.rollout_restart_fingerprint.as_deref(),
+            last_restart,
+            &current,
+            self.now,
+            plan.min_interval,
+        );
+        match step {
+            Step::Nothing => return None,
+            Step::WaitUntil(at) => return Some(at),
+            Step::Remember => {
+                status.rollout_restart_fingerprint = Some(current);
+                return None;
+            }
+            Step::Restart => {}
+        }
+        let patch = rollout::restart_patch(&self.name, &current);
+        let mut restarted = Vec::new();
+        let mut failed = false;
+        for (kind, name) in &plan.targets {
+            let target = format!("{} {name}", kind.as_str());
+            match self.patch_workload(*kind, name, &patch).await {
+                Ok(()) => restarted.push(target),
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    let note = format!("{target} does not exist; nothing to restart");
+                    self.publish(EventType::Warning, "RolloutRestartSkipped", note).await;
+                }
+                Err(e) => {
+                    failed = true;
+                    warn!(namespace = %self.namespace, name = %self.name, %target, error = %e, "rollout restart failed");
+                    let note = format!("restarting {target} failed: {e}");
+                    self.publish(EventType::Warning, "RolloutRestartFailed", note).await;
+                }
+            }
+        }
+        if !restarted.is_empty() {
+            let note = format!("restarted {} for the new token", restarted.join(", "));
+            self.publish(EventType::Normal, "RolloutRestarted", note).await;
+        }
+        if failed {
+            // The patch is idempotent: retrying restarts only the targets that were not.
+            return Some(self.now.checked_add(ROLLOUT_RETRY).unwrap_or(self.now));
+        }
+        status.rollout_restart_fingerprint = Some(current);
+        status.last_rollout_restart_time = Some(Time(self.now));
+        None
+    }
+
+    async fn patch_workload(
+        &self,
+        kind: WorkloadKind,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> Result<(), kube::Error> {
+        match kind {
+            WorkloadKind::Deployment => self.merge_patch::<Deployment>(name, patch).await,
+            WorkloadKind::StatefulSet => self.merge_patch::<StatefulSet>(name, patch).await,
+            WorkloadKind::DaemonSet => self.merge_patch::<DaemonSet>(name, patch).await,
+        }
+    }
+
+    async fn merge_patch<K>(&self, name: &str, patch: &serde_json::Value) -> Result<(), kube::Error>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        // A merge patch, not an apply: one apply per TokenRequest under the one field manager
+        // would remove the other TokenRequests' annotations from a shared workload.
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let api: Api<K> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        api.patch(name, &params, &Patch::Merge(patch)).await.map(|_| ())
     }
 
     async fn failed(self, spec: &ValidSpec, valid: Option<&StoredToken>, failure: Failure) -> Result<Action, Error> {
@@ -583,7 +732,7 @@ impl<'a> Reconciler<'a> {
             action: "ObtainToken".into(),
             secondary: None,
         };
-        if let Err(e) = self.ctx.recorder.publish(&event, &self.tr.object_ref(&())).await {
+        if let Err(e) = self.ctx.events.publish(&event, &self.tr.object_ref(&())).await {
             warn!(namespace = %self.namespace, name = %self.name, error = %e, "publishing an event failed");
         }
     }

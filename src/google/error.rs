@@ -18,6 +18,15 @@ pub enum Api {
 }
 
 impl Api {
+    pub const ALL: [Api; 6] = [
+        Self::Sts,
+        Self::IamCredentials,
+        Self::DeveloperConnect,
+        Self::DiscoveryEngine,
+        Self::OAuth2,
+        Self::Metadata,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Sts => "sts",
@@ -27,6 +36,17 @@ impl Api {
             Self::OAuth2 => "oauth2",
             Self::Metadata => "metadata",
         }
+    }
+}
+
+impl std::str::FromStr for Api {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|api| api.as_str() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|a| a.as_str()).collect();
+            format!("unknown Google endpoint {s:?}; one of {}", names.join(", "))
+        })
     }
 }
 
@@ -64,6 +84,9 @@ pub enum GoogleError {
     },
     #[error("{api}: the response held no token")]
     EmptyToken { api: Api },
+    /// Not sent: the endpoint's rate limit or pushback holds it back for `retry_after`.
+    #[error("{api}: held back by the rate limit for {retry_after:?}")]
+    Throttled { api: Api, retry_after: Duration },
 }
 
 /// OAuth error codes Google's libraries treat as retryable.
@@ -72,7 +95,7 @@ const TRANSIENT_OAUTH_CODES: [&str; 3] = ["server_error", "temporarily_unavailab
 impl GoogleError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::Transport { .. } | Self::Malformed { .. } => ErrorClass::Transient,
+            Self::Transport { .. } | Self::Malformed { .. } | Self::Throttled { .. } => ErrorClass::Transient,
             Self::Rejected { status, code, .. } => {
                 if *status == 408 || *status == 429 || *status >= 500 || TRANSIENT_OAUTH_CODES.contains(&code.as_str())
                 {
@@ -104,9 +127,30 @@ impl GoogleError {
         matches!(self, Self::Rejected { status: 401, .. })
     }
 
+    /// The endpoint itself asked for fewer requests (429, or any answer naming a `Retry-After`).
+    pub fn is_push_back(&self) -> bool {
+        matches!(
+            self,
+            Self::Rejected { status: 429, .. }
+                | Self::Rejected {
+                    retry_after: Some(_),
+                    ..
+                }
+        )
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Rejected { retry_after, .. } => *retry_after,
+            Self::Throttled { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// Never sent, held back by the operator's own limit: not a failure to report, only a wait.
+    pub fn throttled(&self) -> Option<Duration> {
+        match self {
+            Self::Throttled { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

@@ -14,6 +14,7 @@ use url::Url;
 
 use crate::{
     metrics::Metrics,
+    ratelimit::{EndpointLimits, GoogleLimits},
     validation::{Flow, ImpersonationParams, StsParams},
 };
 
@@ -117,11 +118,12 @@ pub struct IssuedToken {
 pub struct GoogleClient {
     http: reqwest::Client,
     endpoints: Endpoints,
+    limits: Arc<EndpointLimits>,
     metrics: Arc<Metrics>,
 }
 
 impl GoogleClient {
-    pub fn new(endpoints: Endpoints, metrics: Arc<Metrics>) -> Result<Self, reqwest::Error> {
+    pub fn new(endpoints: Endpoints, limits: &GoogleLimits, metrics: Arc<Metrics>) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -130,6 +132,7 @@ impl GoogleClient {
         Ok(Self {
             http,
             endpoints,
+            limits: Arc::new(EndpointLimits::new(limits)),
             metrics,
         })
     }
@@ -302,6 +305,12 @@ impl GoogleClient {
     /// Sends a request, records its latency, and decodes a 2xx body as `T` or an error body as
     /// Google's error shapes.
     async fn call<T: for<'de> Deserialize<'de>>(&self, api: Api, request: RequestBuilder) -> Result<T, GoogleError> {
+        let waited = self.limits.acquire(api).await;
+        self.metrics.observe_rate_limit(api, waited.as_ref().ok().copied());
+        let Ok(_) = waited else {
+            let retry_after = waited.map_or_else(|t| t.0, |_| Duration::ZERO);
+            return Err(GoogleError::Throttled { api, retry_after });
+        };
         let started = std::time::Instant::now();
         let result = request.send().await;
         let status_class = match &result {
@@ -334,6 +343,11 @@ impl GoogleClient {
             Err(e) => Err(e),
         };
         self.metrics.observe_google_call(api, status_class, started.elapsed());
+        if let Err(e) = &outcome
+            && e.is_push_back()
+        {
+            self.limits.push_back(api, e.retry_after());
+        }
         outcome
     }
 }

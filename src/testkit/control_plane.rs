@@ -393,10 +393,11 @@ impl ControlPlane {
             Component::ControllerManager => {
                 flag("kubeconfig", file("kubeconfig"));
                 // Namespace deletion, ownerReference garbage collection, and the `default`
-                // ServiceAccount (with its token Secret, as on a 1.20 cluster) of each namespace.
+                // ServiceAccount (with its token Secret, as on a 1.20 cluster) of each namespace,
+                // and Deployments (a rolling restart shows as a new ReplicaSet; no pods are made).
                 flag(
                     "controllers",
-                    "garbagecollector,namespace,serviceaccount,serviceaccount-token".into(),
+                    "garbagecollector,namespace,serviceaccount,serviceaccount-token,deployment".into(),
                 );
                 flag("service-account-private-key-file", file("service-account.key"));
                 flag("root-ca-file", file("ca.crt"));

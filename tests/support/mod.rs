@@ -22,7 +22,7 @@ use gcp_token_operator::{
         operator::{OperatorOptions, OperatorProcess},
     },
 };
-use k8s_openapi::api::core::v1::{Event, Secret};
+use k8s_openapi::api::core::v1::{Event, Secret, ServiceAccount};
 use kube::{
     Api, Client, CustomResourceExt,
     api::{DeleteParams, ListParams, PostParams},
@@ -208,6 +208,14 @@ impl<'a> Env<'a> {
             .create(&PostParams::default(), &secret)
             .await
             .expect("creating a Secret");
+    }
+
+    pub async fn create_service_account(&self, name: &str) {
+        let account: ServiceAccount = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<ServiceAccount>::namespaced(self.client.clone(), &self.namespace)
+            .create(&PostParams::default(), &account)
+            .await
+            .expect("creating a ServiceAccount");
     }
 
     /// The world of an impersonation test: `service_account` exists and anyone may impersonate

@@ -67,6 +67,8 @@ pub struct RecordedRequest {
     pub body: String,
     /// `None` for requests that matched no emulated API.
     pub endpoint: Option<Endpoint>,
+    /// When the request arrived: pacing is observed from here.
+    pub received_at: std::time::Instant,
 }
 
 /// What the emulator knows about a token it issued.
@@ -199,6 +201,13 @@ impl GoogleEmulator {
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.state().requests.clone()
+    }
+
+    /// When each request to `endpoint` arrived, in order.
+    pub fn arrivals(&self, endpoint: Endpoint) -> Vec<std::time::Instant> {
+        let state = self.shared.state();
+        let to_endpoint = state.requests.iter().filter(|r| r.endpoint == Some(endpoint));
+        to_endpoint.map(|r| r.received_at).collect()
     }
 
     /// How many requests reached `endpoint`, whatever the answer.

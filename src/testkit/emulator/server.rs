@@ -205,6 +205,7 @@ fn record(parts: &Parts, body: &[u8], endpoint: Option<Endpoint>) -> RecordedReq
             .collect(),
         body: text(body),
         endpoint,
+        received_at: std::time::Instant::now(),
     }
 }
 

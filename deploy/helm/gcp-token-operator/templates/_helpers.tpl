@@ -100,4 +100,10 @@ is a call the operator makes (tests/chart.rs holds the reviewed list).
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- if .Values.rolloutRestarts.enabled }}
+# `spec.rolloutRestartTargets`: a merge patch of one pod-template annotation restarts a workload.
+- apiGroups: [apps]
+  resources: [deployments, statefulsets, daemonsets]
+  verbs: [patch]
+{{- end }}
 {{- end }}
