@@ -40,6 +40,8 @@ use crate::{
     validation::Policy,
 };
 
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// The one field manager for every write the operator makes.
 pub const FIELD_MANAGER: &str = "gcp-token-operator";
 
@@ -213,7 +215,11 @@ fn controller_for(
     )
     .default_backoff()
     .inspect(sync.watch())
-    .modify(|tr| tr.managed_fields_mut().clear())
+    .modify(|tr| {
+        tr.managed_fields_mut().clear();
+        // `kubectl apply` keeps the whole object again in this annotation; the reconciler never reads it.
+        tr.annotations_mut().remove(LAST_APPLIED);
+    })
     .reflect(tr_writer)
     .applied_objects();
     // Only the operator's own Secrets are watched and cached, never every Secret of the cluster.
