@@ -84,7 +84,11 @@ sed -i 's#github.com/modern-go/reflect2 => github.com/modern-go/reflect2 v1.0.1#
 sed -i 's#github.com/modern-go/reflect2 v1.0.1#github.com/modern-go/reflect2 v1.0.2#g' go.mod vendor/modules.txt
 grep -q 'reflect2 v1.0.2' go.mod || { log "go.mod patch did not apply"; exit 1; }
 
-log "building kube-apiserver and kube-controller-manager (several minutes)"
+# Kubernetes 1.20 does not build with current Go (a newer one may be first on PATH); use Debian's.
+debian_go=$(ls -d /usr/lib/go-1.* 2>/dev/null | sort -V | head -1)
+[ -x "$debian_go/bin/go" ] || { log "Debian's Go (golang-go) not found under /usr/lib/go-1.*"; exit 1; }
+export PATH="$debian_go/bin:$PATH" GOTOOLCHAIN=local
+log "building kube-apiserver and kube-controller-manager with $("$debian_go/bin/go" version) (several minutes)"
 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" KUBE_GIT_VERSION="$K8S_VERSION" >&2
 
 mkdir -p "$DEST.tmp"
