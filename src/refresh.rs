@@ -9,6 +9,11 @@ use crate::validation::{RefreshPolicy, RenewBefore};
 
 /// The shortest requeue: a delay is never zero or negative.
 pub const MIN_DELAY: Duration = Duration::from_secs(1);
+/// The longest requeue: a reconcile only recomputes, so waking early is harmless, while a far-off
+/// time (an absurd answer, a saturated sum) must not overflow a timer.
+pub const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
+/// The longest Retry-After honoured: the longest backoff of any class.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 60);
 /// Upper bound of the per-object jitter; the actual bound is also limited to 5% of the lifetime.
 const MAX_JITTER: Duration = Duration::from_secs(60);
 
@@ -56,7 +61,7 @@ pub fn refresh_point(
     let jitter = jitter_bound.mul_f64(unit_hash(object_key));
     // At least a tenth of the lifetime is used: a renewBefore longer than the tokens Google issues
     // would otherwise refresh every token the moment it arrives, over and over.
-    let before = (renew_before + jitter).min(lifetime.mul_f64(0.9));
+    let before = renew_before.saturating_add(jitter).min(lifetime.mul_f64(0.9));
     whole_second(expires_at.checked_sub(before).unwrap_or(issued_at).max(issued_at))
 }
 
@@ -81,16 +86,22 @@ pub fn catch_up_point(
     whole_second(started_at.checked_add(offset).unwrap_or(started_at)).max(refresh_at)
 }
 
-/// The expiry to assume when the API returned none.
+/// The expiry to assume when the API returned none. Saturates: an overflow must not read as
+/// "expired at once" (validation bounds the lifetime anyway).
 pub fn assumed_expiry(issued_at: Timestamp, policy: &RefreshPolicy) -> Timestamp {
-    issued_at.checked_add(policy.lifetime_when_unknown).unwrap_or(issued_at)
+    later(issued_at, policy.lifetime_when_unknown)
 }
 
-/// The delay until `at`, never below `MIN_DELAY`.
+/// `at + delay`, saturating at the latest representable time.
+pub fn later(at: Timestamp, delay: Duration) -> Timestamp {
+    at.checked_add(delay).unwrap_or(Timestamp::MAX)
+}
+
+/// The delay until `at`, never below `MIN_DELAY` nor above `MAX_DELAY`.
 pub fn delay_until(now: Timestamp, at: Timestamp) -> Duration {
     Duration::try_from(at.duration_since(now))
         .unwrap_or_default()
-        .max(MIN_DELAY)
+        .clamp(MIN_DELAY, MAX_DELAY)
 }
 
 /// Delay before retry number `attempt` (1 = first retry after the first failure): exponential
@@ -107,7 +118,12 @@ pub fn retry_delay(
     let exp = class
         .backoff_base()
         .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let backoff = exp.min(class.backoff_cap()).mul_f64(0.8 + 0.4 * random.clamp(0.0, 1.0));
+    let random = if random.is_finite() {
+        random.clamp(0.0, 1.0)
+    } else {
+        0.5
+    };
+    let backoff = exp.min(class.backoff_cap()).mul_f64(0.8 + 0.4 * random);
     let mut delay = backoff;
     if let Some(until) = valid_until {
         let remaining = Duration::try_from(until.duration_since(now)).unwrap_or_default();
@@ -116,7 +132,9 @@ pub fn retry_delay(
         }
     }
     // The server's Retry-After wins even near expiry: calling earlier only earns another refusal.
-    delay.max(retry_after.unwrap_or_default()).max(MIN_DELAY)
+    // It is capped at the longest backoff: an absurd value must not park the object for years.
+    let retry_after = retry_after.unwrap_or_default().min(MAX_RETRY_AFTER);
+    delay.max(retry_after).max(MIN_DELAY)
 }
 
 /// `at`, rounded down to a whole second. Every time the operator computes goes through this (or

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     crd::{SecretType, TokenRequest},
+    names,
     validation::{EXPIRES_AT_KEY, SecretLayout, TOKEN_TYPE_KEY, ValidSpec, previous_token_key},
 };
 
@@ -23,7 +24,10 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "gcp-token-operator";
 /// Label selector of the Secrets the operator watches.
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=gcp-token-operator";
+/// The TokenRequest's name, or its head and a hash where the name is longer than a label value may
+/// be; the annotation of the same key always holds the whole name.
 pub const TOKEN_REQUEST_LABEL: &str = "gcptoken.dev/token-request";
+pub const TOKEN_REQUEST_ANNOTATION: &str = "gcptoken.dev/token-request";
 pub const EXPIRES_AT_ANNOTATION: &str = "gcptoken.dev/expires-at";
 pub const ISSUED_AT_ANNOTATION: &str = "gcptoken.dev/issued-at";
 pub const SPEC_HASH_ANNOTATION: &str = "gcptoken.dev/spec-hash";
@@ -32,6 +36,47 @@ pub const SCOPES_ANNOTATION: &str = "gcptoken.dev/scopes";
 pub const PREVIOUS_EXPIRES_AT_ANNOTATION: &str = "gcptoken.dev/previous-expires-at";
 const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 const DOCKER_USERNAME: &str = "oauth2accesstoken";
+/// The apiserver's limit on a Secret's data.
+pub const MAX_SECRET_DATA: usize = 1024 * 1024;
+/// The longest token accepted. Google's access tokens are a few hundred bytes to about 2 KiB;
+/// anything far longer is not a token, and would make the Secret too large with a few registries.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// A token must outlive its arrival by this much to be worth storing: one that expires sooner
+/// would be minted again at once, and again, at the cost of every tenant's budget.
+pub const MIN_USEFUL_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a token Google issued is not stored.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Unusable {
+    #[error("the token issued expires at {expires_at}, less than {}s from now (is the operator's clock right?)", MIN_USEFUL_LIFETIME.as_secs())]
+    ExpiresTooSoon { expires_at: Timestamp },
+    #[error("the token issued claims to expire at {expires_at}, later than this flow ever issues (at most {} ahead; is the operator's clock right?)", humantime::format_duration(*.longest))]
+    ExpiresTooLate {
+        expires_at: Timestamp,
+        longest: std::time::Duration,
+    },
+    #[error("the token issued is {bytes} bytes long, more than the {MAX_TOKEN_BYTES} any Google token has")]
+    TokenTooLarge { bytes: usize },
+    #[error("the Secret would hold {bytes} bytes of data, more than the {MAX_SECRET_DATA} Kubernetes allows")]
+    SecretTooLarge { bytes: usize },
+}
+
+/// Whether `record`, just issued, is a token worth storing at `now`: it must outlive
+/// `MIN_USEFUL_LIFETIME`, expire no later than `longest` from now, and have a plausible size.
+pub fn check_issued(record: &TokenRecord, now: Timestamp, longest: std::time::Duration) -> Result<(), Unusable> {
+    let bytes = record.token.expose_secret().len();
+    if bytes > MAX_TOKEN_BYTES {
+        return Err(Unusable::TokenTooLarge { bytes });
+    }
+    let expires_at = record.expires_at;
+    if expires_at <= crate::refresh::later(now, MIN_USEFUL_LIFETIME) {
+        return Err(Unusable::ExpiresTooSoon { expires_at });
+    }
+    if expires_at > crate::refresh::later(now, longest) {
+        return Err(Unusable::ExpiresTooLate { expires_at, longest });
+    }
+    Ok(())
+}
 
 /// A token and what is known about it.
 #[derive(Clone, Debug)]
@@ -85,18 +130,21 @@ pub fn is_reserved_metadata_key(key: &str) -> bool {
 
 /// The whole Secret as the operator wants it: server-side applied as is. `previous` is kept in
 /// Opaque Secrets only (an image pull reads the Secret when it happens, so it has no use there).
+/// Never larger than a Secret may be.
 pub fn desired_secret(
     tr: &TokenRequest,
     spec: &ValidSpec,
     record: &TokenRecord,
     previous: Option<&PreviousToken>,
-) -> Secret {
+) -> Result<Secret, Unusable> {
     let previous = previous.filter(|_| spec.secret.type_ == SecretType::Opaque);
     let layout = &spec.secret;
     let mut labels = layout.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
-    labels.insert(TOKEN_REQUEST_LABEL.into(), tr.name_any());
+    let name = tr.name_any();
+    labels.insert(TOKEN_REQUEST_LABEL.into(), names::fit_63(&name).into_owned());
     let mut annotations = layout.annotations.clone();
+    annotations.insert(TOKEN_REQUEST_ANNOTATION.into(), name);
     annotations.insert(EXPIRES_AT_ANNOTATION.into(), rfc3339(record.expires_at));
     annotations.insert(ISSUED_AT_ANNOTATION.into(), rfc3339(record.issued_at));
     annotations.insert(SPEC_HASH_ANNOTATION.into(), spec.token_hash.clone());
@@ -112,7 +160,11 @@ pub fn desired_secret(
             ByteString(previous.token.expose_secret().as_bytes().to_vec()),
         );
     }
-    Secret {
+    let bytes = data.iter().map(|(k, v)| k.len() + v.0.len()).sum();
+    if bytes > MAX_SECRET_DATA {
+        return Err(Unusable::SecretTooLarge { bytes });
+    }
+    Ok(Secret {
         metadata: ObjectMeta {
             name: Some(layout.name.clone()),
             namespace: tr.namespace(),
@@ -124,7 +176,16 @@ pub fn desired_secret(
         type_: Some(layout.type_.as_str().into()),
         data: Some(data),
         ..Default::default()
-    }
+    })
+}
+
+/// The name of the TokenRequest that controls `secret`, from its controller ownerReference.
+pub fn controller_name(secret: &Secret) -> Option<&str> {
+    secret
+        .owner_references()
+        .iter()
+        .find(|r| r.controller == Some(true) && r.kind == "TokenRequest" && r.api_version.starts_with("gcptoken.dev/"))
+        .map(|r| r.name.as_str())
 }
 
 fn owner_reference(tr: &TokenRequest) -> Option<OwnerReference> {
@@ -241,6 +302,72 @@ pub fn secret_is_current(existing: &Secret, desired: &Secret) -> bool {
         && owners_ok
 }
 
+/// The most of a TokenRequest's Secret (data and annotations, in bytes) that the cache keeps.
+/// The operator never writes more than a few KiB unless a Secret names many registries; anything
+/// beyond is someone's addition and is read live when needed instead of being held.
+pub const MAX_CACHED_SECRET: usize = 64 * 1024;
+
+/// What the Secret cache holds of `secret`, so that what tenants write cannot fill the operator's
+/// memory: a Secret no TokenRequest controls (anyone can set the watched label) keeps only its
+/// identity, ownership and the watched label; one that a TokenRequest controls keeps everything
+/// unless it is larger than `MAX_CACHED_SECRET`, in which case it keeps only its identity and
+/// ownership ([`is_trimmed`]) and is read live when needed.
+pub fn trim_for_cache(secret: &mut Secret) {
+    secret.metadata.managed_fields = None;
+    secret.string_data = None;
+    let owned = controller_name(secret).is_some();
+    let size = |s: &Secret| {
+        let data: usize = s.data.iter().flatten().map(|(k, v)| k.len() + v.0.len()).sum();
+        let annotations: usize = s.annotations().iter().map(|(k, v)| k.len() + v.len()).sum();
+        let labels: usize = s.labels().iter().map(|(k, v)| k.len() + v.len()).sum();
+        data + annotations + labels
+    };
+    if owned && size(secret) <= MAX_CACHED_SECRET {
+        return;
+    }
+    secret.data = None;
+    secret.metadata.annotations = None;
+    let managed = secret.labels().get(MANAGED_BY_LABEL).cloned();
+    secret.metadata.labels = managed.map(|v| BTreeMap::from([(MANAGED_BY_LABEL.to_string(), v)]));
+}
+
+/// Whether the cached copy of a TokenRequest's Secret was trimmed by [`trim_for_cache`]. Every
+/// Secret the operator writes has data; one without may also just have been emptied, which a live
+/// read tells as well.
+pub fn is_trimmed(secret: &Secret) -> bool {
+    secret.data.is_none()
+}
+
+/// Whether `existing` cannot become `desired` by an update: a Secret's type never changes, and an
+/// immutable Secret's data does not either.
+pub fn needs_replacing(existing: &Secret, desired: &Secret) -> bool {
+    existing.type_.as_deref().unwrap_or("Opaque") != desired.type_.as_deref().unwrap_or("Opaque")
+        || (existing.immutable == Some(true) && existing.data != desired.data)
+}
+
+/// What a Secret is created with before its first apply: the fields every apply sets too
+/// (name, type, owner, the watched label, and the data a typed Secret must have, which is all
+/// of its data), and nothing that a later apply might need to remove.
+pub fn skeleton(desired: &Secret) -> Secret {
+    let managed = desired.labels().get(MANAGED_BY_LABEL).cloned();
+    let typed = desired
+        .type_
+        .as_deref()
+        .is_some_and(|t| t != SecretType::Opaque.as_str());
+    Secret {
+        metadata: ObjectMeta {
+            name: desired.metadata.name.clone(),
+            namespace: desired.metadata.namespace.clone(),
+            labels: managed.map(|v| BTreeMap::from([(MANAGED_BY_LABEL.to_string(), v)])),
+            owner_references: desired.metadata.owner_references.clone(),
+            ..Default::default()
+        },
+        type_: desired.type_.clone(),
+        data: desired.data.clone().filter(|_| typed),
+        ..Default::default()
+    }
+}
+
 /// Whether `secret` is controlled by the TokenRequest with this uid.
 pub fn is_controlled_by(secret: &Secret, uid: &str) -> bool {
     secret
@@ -286,7 +413,7 @@ mod tests {
             policy: &Policy::default(),
         };
         let spec = validate(&tr.spec, &at).unwrap();
-        (desired_secret(&tr, &spec, &record(token), None), spec)
+        (desired_secret(&tr, &spec, &record(token), None).unwrap(), spec)
     }
 
     #[test]
@@ -325,7 +452,7 @@ mod tests {
         };
         let spec = validate(&tr.spec, &at).unwrap();
         let previous = PreviousToken::from(&record("ya29.old"));
-        let secret = desired_secret(&tr, &spec, &record("ya29.new"), Some(&previous));
+        let secret = desired_secret(&tr, &spec, &record("ya29.new"), Some(&previous)).unwrap();
         let data = secret.data.as_ref().unwrap();
         assert_eq!(data["token"].0, b"ya29.new");
         assert_eq!(data["token.previous"].0, b"ya29.old");
@@ -339,7 +466,7 @@ mod tests {
         assert_eq!(kept.token.expose_secret(), "ya29.old");
         assert_eq!(kept.expires_at, previous.expires_at);
         // Without a previous token the key and the annotation are gone (server-side apply drops them).
-        let without = desired_secret(&tr, &spec, &record("ya29.new"), None);
+        let without = desired_secret(&tr, &spec, &record("ya29.new"), None).unwrap();
         assert!(!without.data.as_ref().unwrap().contains_key("token.previous"));
         assert!(!without.annotations().contains_key(PREVIOUS_EXPIRES_AT_ANNOTATION));
         assert!(!secret_is_current(&secret, &without));
@@ -351,7 +478,7 @@ mod tests {
             ..Default::default()
         });
         let spec = validate(&docker.spec, &at).unwrap();
-        let secret = desired_secret(&docker, &spec, &record("ya29.new"), Some(&previous));
+        let secret = desired_secret(&docker, &spec, &record("ya29.new"), Some(&previous)).unwrap();
         assert_eq!(secret.data.as_ref().unwrap().len(), 1);
         assert!(!secret.annotations().contains_key(PREVIOUS_EXPIRES_AT_ANNOTATION));
     }

@@ -4,13 +4,12 @@
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use sha2::{Digest, Sha256};
+
+use crate::{names, refresh};
 
 /// Prefix of the pod-template annotation, one key per TokenRequest so that several TokenRequests
 /// can restart one workload without overwriting each other's value.
 const ANNOTATION_PREFIX: &str = "restart.gcptoken.dev/";
-/// The longest name part of an annotation key.
-const MAX_NAME_PART: usize = 63;
 
 /// What to do about the targets now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +37,7 @@ pub fn next_step(
     match restarted_for {
         None => Step::Remember,
         Some(fingerprint) if fingerprint == current => Step::Nothing,
-        Some(_) => match last_restart.and_then(|t| t.checked_add(min_interval).ok()) {
+        Some(_) => match last_restart.map(|t| refresh::later(t, min_interval)) {
             Some(earliest) if earliest > now => Step::WaitUntil(earliest),
             _ => Step::Restart,
         },
@@ -47,12 +46,7 @@ pub fn next_step(
 
 /// The pod-template annotation key of the TokenRequest `name`.
 pub fn annotation_key(name: &str) -> String {
-    if name.len() <= MAX_NAME_PART {
-        return format!("{ANNOTATION_PREFIX}{name}");
-    }
-    let hash = hex::encode(&Sha256::digest(name.as_bytes())[..6]);
-    let head = name[..MAX_NAME_PART - hash.len() - 1].trim_end_matches(['-', '.']);
-    format!("{ANNOTATION_PREFIX}{head}-{hash}")
+    format!("{ANNOTATION_PREFIX}{}", names::fit_63(name))
 }
 
 /// The merge patch that restarts a workload for the token with `fingerprint`. Applying it again
@@ -83,6 +77,11 @@ mod tests {
         );
         assert_eq!(next_step(Some("a"), Some(ts(0)), "b", ts(600), interval), Step::Restart);
         assert_eq!(next_step(Some("b"), Some(ts(0)), "b", ts(100), interval), Step::Nothing);
+        // An interval too long to add means "not yet", never "at once".
+        assert_eq!(
+            next_step(Some("a"), Some(ts(0)), "b", ts(1), Duration::MAX),
+            Step::WaitUntil(Timestamp::MAX)
+        );
     }
 
     #[test]
@@ -92,7 +91,7 @@ mod tests {
         let long_b = format!("{}b", "x".repeat(100));
         for key in [annotation_key(&long_a), annotation_key(&long_b)] {
             let name = key.strip_prefix(ANNOTATION_PREFIX).unwrap();
-            assert!(name.len() <= MAX_NAME_PART, "{name}");
+            assert!(name.len() <= names::MAX_NAME_PART, "{name}");
             assert!(name.chars().next().unwrap().is_ascii_alphanumeric());
             assert!(name.chars().last().unwrap().is_ascii_alphanumeric());
         }

@@ -33,6 +33,11 @@ pub enum Reason {
     SecretConflict,
     /// Writing to the Kubernetes API failed.
     ApiError,
+    /// Google answered with a token that cannot be used: expired or about to, claiming an
+    /// implausibly long life, or too large for a Secret.
+    UnusableToken,
+    /// The operator met a bug while handling this TokenRequest; it is backed off, the others go on.
+    InternalError,
 }
 
 impl Reason {
@@ -50,6 +55,8 @@ impl Reason {
             Self::UpstreamRejected => "UpstreamRejected",
             Self::SecretConflict => "SecretConflict",
             Self::ApiError => "ApiError",
+            Self::UnusableToken => "UnusableToken",
+            Self::InternalError => "InternalError",
         }
     }
 }
@@ -73,10 +80,29 @@ pub fn ready_condition(
         type_: READY.into(),
         status: status.into(),
         reason: reason.as_str().into(),
-        message,
+        message: bounded(message),
         observed_generation: generation,
         last_transition_time,
     }
+}
+
+/// The longest status message or Event note, in bytes: the apiserver refuses an Event whose note
+/// exceeds 1 KiB, and a message that long is past reading anyway.
+pub const MAX_MESSAGE: usize = 1000;
+
+/// `text` cut to `MAX_MESSAGE` bytes on a character boundary, with an ellipsis when cut.
+pub fn bounded(mut text: String) -> String {
+    const ELLIPSIS: &str = "…";
+    if text.len() <= MAX_MESSAGE {
+        return text;
+    }
+    let mut end = MAX_MESSAGE - ELLIPSIS.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(ELLIPSIS);
+    text
 }
 
 /// Whether writing `desired` over `current` would change anything.
@@ -100,6 +126,27 @@ mod tests {
         let flipped = ready_condition(Some(&same), false, Reason::Expired, "m3".into(), Some(1), t1);
         assert_eq!(flipped.last_transition_time, Time(t1));
         assert_eq!(flipped.status, "False");
+    }
+
+    #[test]
+    fn messages_are_bounded_on_character_boundaries() {
+        assert_eq!(bounded("short".into()), "short");
+        let exact = "x".repeat(MAX_MESSAGE);
+        assert_eq!(bounded(exact.clone()), exact);
+        for text in ["é".repeat(2000), format!("a{}", "€".repeat(700)), "x".repeat(1 << 20)] {
+            let cut = bounded(text);
+            assert!(cut.len() <= MAX_MESSAGE, "{}", cut.len());
+            assert!(cut.ends_with('…'));
+        }
+        let condition = ready_condition(
+            None,
+            false,
+            Reason::InvalidSpec,
+            "m".repeat(5000),
+            None,
+            Timestamp::UNIX_EPOCH,
+        );
+        assert!(condition.message.len() <= MAX_MESSAGE);
     }
 
     #[test]

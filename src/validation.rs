@@ -22,6 +22,20 @@ pub const MAX_IMPERSONATION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 const DEFAULT_SA_TOKEN_EXPIRATION: i64 = 3600;
 const DEFAULT_TOKEN_KEY: &str = "token";
 const DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// Bounds of the durations a user sets. No Google access token lives longer than 12 h (IAM's
+/// maximum lifetime), so renewing earlier or assuming longer means nothing; a token assumed to
+/// live under a minute would be minted again at almost every reconcile; a day between restarts is
+/// already longer than any token lasts.
+const ONE_SECOND: Duration = Duration::from_secs(1);
+const MIN_LIFETIME_WHEN_UNKNOWN: Duration = Duration::from_secs(60);
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+const MAX_ROLLOUT_RESTART_MIN_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// How far past the longest lifetime asked for an expiry may lie before it is not believed: the
+/// clock difference between Google and the operator that is tolerated.
+const EXPIRY_SLACK: Duration = Duration::from_secs(5 * 60);
+/// Developer Connect passes on a Git provider's own OAuth token, whose lifetime the provider sets
+/// (GitHub's user tokens live 8 h); a day is beyond any of them.
+const MAX_DEVELOPER_CONNECT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Keys the operator writes next to the token in an Opaque Secret.
 pub const EXPIRES_AT_KEY: &str = "expires_at";
 pub const TOKEN_TYPE_KEY: &str = "token_type";
@@ -69,6 +83,20 @@ impl Flow {
             Self::DeveloperConnect { .. } => "developerConnect",
             Self::DiscoveryEngine { .. } => "discoveryEngine",
         }
+    }
+
+    /// The longest lifetime a token of this flow can really have: an answer that claims more is
+    /// not believed (a wrong clock, or a wrong answer).
+    pub fn max_lifetime(&self) -> Duration {
+        let longest = match self {
+            Self::Impersonation(p)
+            | Self::Sts(StsParams {
+                impersonation: Some(p), ..
+            }) => p.lifetime,
+            Self::Sts(_) | Self::DiscoveryEngine { .. } => MAX_TOKEN_LIFETIME,
+            Self::DeveloperConnect { .. } => MAX_DEVELOPER_CONNECT_LIFETIME,
+        };
+        longest.saturating_add(EXPIRY_SLACK)
     }
 }
 
@@ -564,13 +592,14 @@ impl Target<'_> {
         }
         let lifetime = match self.lifetime {
             None => DEFAULT_IMPERSONATION_LIFETIME,
-            Some(text) => parse_duration(text, &format!("{at}.lifetime"), p).unwrap_or_default(),
+            Some(text) => parse_duration(
+                text,
+                &format!("{at}.lifetime"),
+                (ONE_SECOND, MAX_IMPERSONATION_LIFETIME),
+                p,
+            )
+            .unwrap_or_default(),
         };
-        if self.lifetime.is_some() && lifetime != Duration::ZERO {
-            p.check(lifetime <= MAX_IMPERSONATION_LIFETIME, || {
-                format!("{at}.lifetime must be at most 12h")
-            });
-        }
         ImpersonationParams {
             service_account: self.service_account.to_string(),
             delegates: self
@@ -648,7 +677,8 @@ fn validate_refresh(spec: &RefreshSpec, p: &mut Problems) -> RefreshPolicy {
             RenewBefore::Percentage(DEFAULT_RENEW_BEFORE_PERCENTAGE)
         }
         (_, Some(text)) => {
-            let d = parse_duration(text, "spec.refresh.renewBefore", p).unwrap_or_default();
+            let d = parse_duration(text, "spec.refresh.renewBefore", (ONE_SECOND, MAX_TOKEN_LIFETIME), p)
+                .unwrap_or_default();
             RenewBefore::Absolute(d)
         }
         (Some(pct), None) => {
@@ -661,7 +691,8 @@ fn validate_refresh(spec: &RefreshSpec, p: &mut Problems) -> RefreshPolicy {
     };
     let lifetime_when_unknown = match &spec.lifetime_when_unknown {
         Some(text) => {
-            parse_duration(text, "spec.refresh.lifetimeWhenUnknown", p).unwrap_or(DEFAULT_LIFETIME_WHEN_UNKNOWN)
+            let bounds = (MIN_LIFETIME_WHEN_UNKNOWN, MAX_TOKEN_LIFETIME);
+            parse_duration(text, "spec.refresh.lifetimeWhenUnknown", bounds, p).unwrap_or(DEFAULT_LIFETIME_WHEN_UNKNOWN)
         }
         None => DEFAULT_LIFETIME_WHEN_UNKNOWN,
     };
@@ -688,7 +719,10 @@ fn validate_rollout(spec: &TokenRequestSpec, p: &mut Problems) -> RolloutPlan {
     let min_interval = spec
         .rollout_restart_min_interval
         .as_deref()
-        .and_then(|text| parse_duration(text, "spec.rolloutRestartMinInterval", p))
+        .and_then(|text| {
+            let bounds = (ONE_SECOND, MAX_ROLLOUT_RESTART_MIN_INTERVAL);
+            parse_duration(text, "spec.rolloutRestartMinInterval", bounds, p)
+        })
         .unwrap_or(DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL);
     RolloutPlan { targets, min_interval }
 }
@@ -742,17 +776,34 @@ fn validate_scopes(scopes: &[String], at: &str, p: &mut Problems) {
     }
 }
 
-fn parse_duration(text: &str, at: &str, p: &mut Problems) -> Option<Duration> {
+/// A duration within `(min, max)`, both inclusive.
+fn parse_duration(text: &str, at: &str, (min, max): (Duration, Duration), p: &mut Problems) -> Option<Duration> {
     match humantime::parse_duration(text) {
-        Ok(d) if d >= Duration::from_secs(1) => Some(d),
+        Ok(d) if (min..=max).contains(&d) => Some(d),
         Ok(_) => {
-            p.0.push(format!("{at} must be at least 1s"));
+            let (min, max) = (humantime::format_duration(min), humantime::format_duration(max));
+            p.0.push(format!("{at} must be between {min} and {max}"));
             None
         }
         Err(_) => {
-            p.0.push(format!("{at}: {text:?} is not a duration such as 90s, 10m or 1h"));
+            p.0.push(format!(
+                "{at}: {} is not a duration such as 90s, 10m or 1h",
+                quoted(text)
+            ));
             None
         }
+    }
+}
+
+/// The most of a tenant's value that a message quotes: enough to recognise it, not enough to let
+/// a huge value swell the status and Events (which the apiserver then refuses).
+const MAX_QUOTED: usize = 64;
+
+/// `value` in quotes for a message, cut to `MAX_QUOTED` characters.
+pub fn quoted(value: &str) -> String {
+    match value.char_indices().nth(MAX_QUOTED) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}…", &value[..end]),
     }
 }
 
@@ -1004,7 +1055,7 @@ mod tests {
         );
 
         spec.flow.impersonation.as_mut().unwrap().lifetime = Some("13h".into());
-        assert!(problems(&spec)[0].contains("at most 12h"));
+        assert!(problems(&spec)[0].contains("between 1s and 12h"));
         spec.flow.impersonation.as_mut().unwrap().lifetime = Some("soon".into());
         assert!(problems(&spec)[0].contains("is not a duration"));
         spec.flow.impersonation.as_mut().unwrap().lifetime = None;
@@ -1202,7 +1253,7 @@ mod tests {
         assert!(p[0].starts_with("spec.flow.sts.serviceAccountImpersonation.serviceAccount"));
         assert_eq!(
             p[1],
-            "spec.flow.sts.serviceAccountImpersonation.lifetime must be at most 12h"
+            "spec.flow.sts.serviceAccountImpersonation.lifetime must be between 1s and 12h"
         );
     }
 

@@ -674,7 +674,7 @@ async fn invalid_specs_are_reported_without_calling_google() {
         (
             "bad-lifetime",
             json!({"flow": {"impersonation": {"serviceAccount": SA_EMAIL, "scopes": [CLOUD_PLATFORM], "lifetime": "20h"}}, "source": {"tokenRequest": {"name": "x"}}}),
-            "at most 12h",
+            "between 1s and 12h",
         ),
         (
             "self-source",

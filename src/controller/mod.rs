@@ -11,17 +11,13 @@ use std::{
 };
 
 use futures::{StreamExt, future};
-use k8s_openapi::{
-    api::core::v1::{ObjectReference, Secret},
-    jiff::Timestamp,
-};
+use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::ListParams,
     runtime::{
         Controller, WatchStreamExt,
         controller::{self, Action},
-        events::{Event, EventType, Recorder, Reporter},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -31,16 +27,19 @@ use tracing::{info, warn};
 pub use self::reconcile::{Error, reconcile};
 use crate::{
     crd::TokenRequest,
+    events::{EventRecorder, Reporter},
     google::{GoogleClient, GoogleError, IssuedToken},
     metrics::{Metrics, ObjectLabels},
     refresh,
-    render::{MANAGED_SELECTOR, TOKEN_REQUEST_LABEL},
+    render::{self, MANAGED_SELECTOR},
     singleflight::SingleFlight,
     source::{Ambient, KeptCredentials},
     validation::Policy,
 };
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// Secrets per list page: at most this many whole Secrets are in memory at once while listing.
+const SECRET_PAGE_SIZE: u32 = 10;
 
 /// The one field manager for every write the operator makes.
 pub const FIELD_MANAGER: &str = "gcp-token-operator";
@@ -49,7 +48,7 @@ pub const FIELD_MANAGER: &str = "gcp-token-operator";
 pub struct Context {
     pub client: Client,
     pub google: GoogleClient,
-    pub events: EventRecorders,
+    pub events: EventRecorder,
     pub metrics: Arc<Metrics>,
     pub token_requests: Store<TokenRequest>,
     pub secrets: Store<Secret>,
@@ -59,45 +58,6 @@ pub struct Context {
     /// When this controller started (or this replica took over): refreshes overdue then are spread.
     pub started_at: Timestamp,
     pub refresh_spread: Duration,
-}
-
-/// Where Events go. kube's `Recorder` keeps every Event it published for six minutes, to count
-/// repeats into a series, and scans that whole cache on each publish: a cold start of N
-/// TokenRequests would cost O(N²) and hold N Events. So one-off Events (`Normal`) go through a
-/// recorder that keeps nothing, and repeatable ones (`Warning`, one per failed retry) through one
-/// of several shards, each TokenRequest always the same one.
-pub struct EventRecorders {
-    client: Client,
-    reporter: Reporter,
-    warnings: Vec<Recorder>,
-}
-
-const WARNING_SHARDS: usize = 32;
-
-impl EventRecorders {
-    fn new(client: &Client, reporter: Reporter) -> Self {
-        let warnings = (0..WARNING_SHARDS)
-            .map(|_| Recorder::new(client.clone(), reporter.clone()))
-            .collect();
-        Self {
-            client: client.clone(),
-            reporter,
-            warnings,
-        }
-    }
-
-    pub async fn publish(&self, event: &Event, regarding: &ObjectReference) -> Result<(), kube::Error> {
-        let recorder = match event.type_ {
-            EventType::Normal => Recorder::new(self.client.clone(), self.reporter.clone()),
-            EventType::Warning => {
-                let mut hasher = std::hash::DefaultHasher::new();
-                std::hash::Hash::hash(&(&regarding.namespace, &regarding.name), &mut hasher);
-                let shard = std::hash::Hasher::finish(&hasher) as usize % self.warnings.len();
-                self.warnings[shard].clone()
-            }
-        };
-        recorder.publish(event, regarding).await
-    }
 }
 
 /// Calls to Google shared across TokenRequests (and namespaces): one per operator.
@@ -222,26 +182,31 @@ fn controller_for(
     })
     .reflect(tr_writer)
     .applied_objects();
-    // Only the operator's own Secrets are watched and cached, never every Secret of the cluster.
+    // Only Secrets with the operator's label are watched, never every Secret of the cluster; as
+    // anyone can set that label, the cache keeps of each only what it needs (`trim_for_cache`).
+    // Small pages bound what one list response holds before trimming: a Secret may be 1 MiB.
     let (secret_reader, secret_writer) = reflector::store();
     let secrets = watcher(
         api_in::<Secret>(client, namespace),
-        watcher::Config::default().labels(MANAGED_SELECTOR).any_semantic(),
+        watcher::Config::default()
+            .labels(MANAGED_SELECTOR)
+            .any_semantic()
+            .page_size(SECRET_PAGE_SIZE),
     )
     .default_backoff()
     .inspect(sync.watch())
-    .modify(|s| s.managed_fields_mut().clear())
+    .modify(render::trim_for_cache)
     .reflect(secret_writer)
     .touched_objects();
 
     let ctx = Arc::new(Context {
         client: client.clone(),
         google: google.clone(),
-        events: EventRecorders::new(
-            client,
+        events: EventRecorder::new(
+            client.clone(),
             Reporter {
                 controller: FIELD_MANAGER.into(),
-                instance: Some(settings.instance.clone()),
+                instance: settings.instance.clone(),
             },
         ),
         metrics: metrics.clone(),
@@ -289,7 +254,7 @@ fn triggered_by_secret(token_requests: &Store<TokenRequest>, secret: &Secret) ->
     let Some(namespace) = secret.namespace() else {
         return Vec::new();
     };
-    let Some(owner) = secret.labels().get(TOKEN_REQUEST_LABEL).cloned() else {
+    let Some(owner) = render::controller_name(secret).map(String::from) else {
         return Vec::new();
     };
     let mut refs = vec![ObjectRef::new(&owner).within(&namespace)];

@@ -1,7 +1,9 @@
 //! One reconcile of one TokenRequest: decide whether the held token is good, mint a new one when
 //! it is not, write the Secret and the status.
 
-use std::{sync::Arc, time::Instant};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
+
+use futures::FutureExt;
 
 use k8s_openapi::{
     NamespaceResourceScope,
@@ -14,23 +16,20 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
-    runtime::{
-        controller::Action,
-        events::{Event, EventType},
-        reflector::ObjectRef,
-    },
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    runtime::{controller::Action, reflector::ObjectRef},
 };
 use secrecy::{ExposeSecret, SecretString};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Context, FIELD_MANAGER};
 use crate::{
     crd::{TokenRequest, TokenRequestStatus, WorkloadKind},
+    events::{Event, EventType},
     google::{GoogleError, IssuedToken},
     metrics::ObjectLabels,
     refresh::{self, ErrorClass},
-    render::{self, PreviousToken, StoredToken, TokenRecord},
+    render::{self, PreviousToken, StoredToken, TokenRecord, Unusable},
     rollout::{self, Step},
     singleflight::Key,
     source::{SourceError, Sources},
@@ -71,8 +70,18 @@ enum Failure {
     Source(#[from] Arc<SourceError>),
     #[error(transparent)]
     Google(#[from] Arc<GoogleError>),
+    #[error(transparent)]
+    Unusable(#[from] Unusable),
     #[error("writing Secret {name:?} failed: {source}")]
     ApplySecret {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// The Secret could not be changed in place (its type is immutable, or it was made immutable)
+    /// and deleting it to create it anew failed.
+    #[error("replacing Secret {name:?} failed: {source}")]
+    ReplaceSecret {
         name: String,
         #[source]
         source: kube::Error,
@@ -84,11 +93,17 @@ impl Failure {
         match self {
             Self::Source(e) => e.class(),
             Self::Google(e) => e.class(),
+            // Google's answers do not get better within seconds, and a clock is not fixed that fast.
+            Self::Unusable(_) => ErrorClass::Permanent,
             Self::ApplySecret {
                 source: kube::Error::Api(s),
                 ..
-            } if s.code < 500 && s.code != 429 => ErrorClass::Permanent,
-            Self::ApplySecret { .. } => ErrorClass::Transient,
+            }
+            | Self::ReplaceSecret {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code < 500 && s.code != 429 && s.code != 409 => ErrorClass::Permanent,
+            Self::ApplySecret { .. } | Self::ReplaceSecret { .. } => ErrorClass::Transient,
         }
     }
 
@@ -96,7 +111,8 @@ impl Failure {
         match self {
             Self::Source(e) => e.reason(),
             Self::Google(e) => e.reason(),
-            Self::ApplySecret { .. } => Reason::ApiError,
+            Self::Unusable(_) => Reason::UnusableToken,
+            Self::ApplySecret { .. } | Self::ReplaceSecret { .. } => Reason::ApiError,
         }
     }
 
@@ -105,7 +121,7 @@ impl Failure {
         match self {
             Self::Source(e) => e.throttled(),
             Self::Google(e) => e.throttled(),
-            Self::ApplySecret { .. } => None,
+            Self::Unusable(_) | Self::ApplySecret { .. } | Self::ReplaceSecret { .. } => None,
         }
     }
 
@@ -113,7 +129,7 @@ impl Failure {
         match self {
             Self::Source(e) => e.retry_after(),
             Self::Google(e) => e.retry_after(),
-            Self::ApplySecret { .. } => None,
+            Self::Unusable(_) | Self::ApplySecret { .. } | Self::ReplaceSecret { .. } => None,
         }
     }
 }
@@ -128,9 +144,28 @@ enum Existing {
 
 pub async fn reconcile(tr: Arc<TokenRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = Reconciler::new(&tr, &ctx).run().await;
+    let reconciler = Reconciler::new(&tr, &ctx);
+    if let Some(next_attempt) = reconciler.internal_error_backoff() {
+        return Ok(Action::requeue(refresh::delay_until(reconciler.now, next_attempt)));
+    }
+    let result = match contain_panic(reconciler.run()).await {
+        Ok(result) => result,
+        Err(Panicked) => Reconciler::new(&tr, &ctx).internal_error().await,
+    };
     ctx.metrics.observe_reconcile(started.elapsed());
     result
+}
+
+/// A panic inside a reconcile was caught.
+#[derive(Debug, PartialEq)]
+pub struct Panicked;
+
+/// Runs `work`, turning a panic into `Panicked`. kube-runtime re-raises a reconciler's panic in
+/// the task that drives every controller, which would end the process for all tenants; one
+/// object's contents meeting a bug must cost that object only. (The panic message still goes to
+/// the log through the panic hook.)
+pub async fn contain_panic<T>(work: impl Future<Output = T>) -> Result<T, Panicked> {
+    AssertUnwindSafe(work).catch_unwind().await.map_err(|_| Panicked)
 }
 
 struct Reconciler<'a> {
@@ -247,10 +282,13 @@ impl<'a> Reconciler<'a> {
                 Existing::Foreign
             }
         };
-        if let Some(cached) = self.ctx.secrets.get(&ObjectRef::new(name).within(&self.namespace)) {
+        if let Some(cached) = self.ctx.secrets.get(&ObjectRef::new(name).within(&self.namespace))
+            && !(render::is_trimmed(&cached) && render::is_controlled_by(&cached, &uid))
+        {
             return Ok(classify(cached));
         }
-        // Not in the cache of labelled Secrets: absent, stripped of its label, or someone else's.
+        // Not in the cache of labelled Secrets (absent, stripped of its label, or someone else's),
+        // or cached without its contents because it grew too large: read it live.
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
         match api.get_opt(name).await {
             Ok(Some(secret)) => Ok(classify(Arc::new(secret))),
@@ -356,12 +394,14 @@ impl<'a> Reconciler<'a> {
             .or(inherited)
             .map(refresh::whole_second)
             .unwrap_or_else(|| refresh::assumed_expiry(issued_at, &spec.refresh));
-        Ok(TokenRecord {
+        let record = TokenRecord {
             token: issued.token,
             issued_at,
             expires_at,
             scopes: issued.scopes,
-        })
+        };
+        render::check_issued(&record, Timestamp::now(), spec.flow.max_lifetime())?;
+        Ok(record)
     }
 
     /// The flow's call, made once for all identical calls in flight: the same flow with the same
@@ -375,6 +415,14 @@ impl<'a> Reconciler<'a> {
     }
 
     /// Server-side applies the Secret, unless it already is exactly as desired.
+    ///
+    /// The apply carries the `uid` of the Secret it is meant for, which the apiserver takes as a
+    /// precondition: it updates that Secret only, and fails if the name now belongs to another (or
+    /// to none). A Secret is created by a plain create, which fails if the name is taken, so the
+    /// operator never takes over a Secret that someone created after it looked. The create holds
+    /// only fields every apply sets, so that the apply owns everything else and can remove it
+    /// later. A Secret that cannot be changed in place (another `type`, or `immutable`) is deleted,
+    /// preconditioned on what was seen, and created anew the same way.
     async fn apply_secret(
         &self,
         spec: &ValidSpec,
@@ -382,21 +430,63 @@ impl<'a> Reconciler<'a> {
         record: &TokenRecord,
         previous: Option<&PreviousToken>,
     ) -> Result<(), Failure> {
-        let desired = render::desired_secret(self.tr, spec, record, previous);
-        if let Existing::Owned(current) = existing
-            && render::secret_is_current(current, &desired)
-        {
-            return Ok(());
-        }
+        let mut desired = render::desired_secret(self.tr, spec, record, previous)?;
+        let name = &spec.secret.name;
+        let failed = |source| Failure::ApplySecret {
+            name: name.clone(),
+            source,
+        };
+        let uid = match existing {
+            Existing::Owned(current) if render::secret_is_current(current, &desired) => return Ok(()),
+            Existing::Owned(current) if render::needs_replacing(current, &desired) => {
+                self.delete_owned(current)
+                    .await
+                    .map_err(|source| Failure::ReplaceSecret {
+                        name: name.clone(),
+                        source,
+                    })?;
+                info!(namespace = %self.namespace, secret = %name, "Secret deleted to be created anew: its type or immutability cannot change in place");
+                self.create_secret(&desired).await.map_err(failed)?
+            }
+            Existing::Owned(current) => current.uid(),
+            Existing::Missing | Existing::Foreign => self.create_secret(&desired).await.map_err(failed)?,
+        };
+        desired.metadata.uid = uid;
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        api.patch(&spec.secret.name, &params, &Patch::Apply(&desired))
+        api.patch(name, &params, &Patch::Apply(&desired))
             .await
-            .map(|_| debug!(namespace = %self.namespace, secret = %spec.secret.name, "Secret applied"))
-            .map_err(|source| Failure::ApplySecret {
-                name: spec.secret.name.clone(),
-                source,
-            })
+            .map(|_| debug!(namespace = %self.namespace, secret = %name, "Secret applied"))
+            .map_err(failed)
+    }
+
+    /// Creates the Secret `desired` describes with only its name, type, owner and the watched
+    /// label; returns its uid.
+    async fn create_secret(&self, desired: &Secret) -> Result<Option<String>, kube::Error> {
+        let skeleton = render::skeleton(desired);
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        Ok(api.create(&params, &skeleton).await?.uid())
+    }
+
+    /// Deletes a Secret of this TokenRequest's, only if it still is exactly the one seen.
+    async fn delete_owned(&self, secret: &Secret) -> Result<(), kube::Error> {
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: secret.uid(),
+                resource_version: secret.resource_version(),
+            }),
+            ..Default::default()
+        };
+        match api.delete(&secret.name_any(), &params).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// After `spec.secret.name` changed, the Secrets written under earlier names go.
@@ -411,14 +501,13 @@ impl<'a> Reconciler<'a> {
             return;
         }
         let uid = self.tr.uid().unwrap_or_default();
-        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
         let stale = self.ctx.secrets.state().into_iter().filter(|s| {
             s.namespace().as_deref() == Some(self.namespace.as_str())
                 && s.name_any() != current
                 && render::is_controlled_by(s, &uid)
         });
         for secret in stale {
-            if let Err(e) = api.delete(&secret.name_any(), &Default::default()).await {
+            if let Err(e) = self.delete_owned(&secret).await {
                 warn!(namespace = %self.namespace, secret = %secret.name_any(), error = %e, "deleting a stale Secret failed");
             }
         }
@@ -440,6 +529,9 @@ impl<'a> Reconciler<'a> {
             refresh_at
         );
         let mut status = self.base_status(spec, true, reason, message);
+        // Only where a token was written: after a rename whose first attempts fail, the old name
+        // stays here, so the Secret under it is cleaned up once the new one holds a token.
+        status.secret_name = Some(spec.secret.name.clone());
         status.expiration_time = Some(Time(record.expires_at));
         status.last_refresh_time = Some(Time(record.issued_at));
         status.next_refresh_time = Some(Time(refresh_at));
@@ -517,7 +609,7 @@ impl<'a> Reconciler<'a> {
         }
         if failed {
             // The patch is idempotent: retrying restarts only the targets that were not.
-            return Some(self.now.checked_add(ROLLOUT_RETRY).unwrap_or(self.now));
+            return Some(refresh::later(self.now, ROLLOUT_RETRY));
         }
         status.rollout_restart_fingerprint = Some(current);
         status.last_rollout_restart_time = Some(Time(self.now));
@@ -571,7 +663,7 @@ impl<'a> Reconciler<'a> {
             valid_until,
             fastrand::f64(),
         );
-        let next_attempt = refresh::next_whole_second(failed_at.checked_add(delay).unwrap_or(failed_at));
+        let next_attempt = refresh::next_whole_second(refresh::later(failed_at, delay));
         warn!(namespace = %self.namespace, name = %self.name, attempts, error = %failure, retry_in = ?delay, "obtaining a token failed");
         self.publish(EventType::Warning, failure.reason().as_str(), failure.to_string())
             .await;
@@ -688,7 +780,6 @@ impl<'a> Reconciler<'a> {
             conditions: vec![self.condition(ready, reason, message)],
             observed_generation: self.tr.metadata.generation,
             flow: Some(spec.flow.name().into()),
-            secret_name: Some(spec.secret.name.clone()),
             ..self.status.clone()
         }
     }
@@ -724,13 +815,47 @@ impl<'a> Reconciler<'a> {
         Ok(())
     }
 
+    /// Set by `internal_error`: while it holds, nothing is tried for this object.
+    fn internal_error_backoff(&self) -> Option<Timestamp> {
+        let condition = self.tr.ready_condition()?;
+        let next = self.status.next_refresh_time.as_ref()?.0;
+        (condition.reason == Reason::InternalError.as_str() && self.generation_observed() && next > self.now)
+            .then_some(next)
+    }
+
+    /// After a panic in this object's reconcile: say so in its status and an Event, and back it
+    /// off like a permanent failure. Uses nothing of the spec, which may be what caused it.
+    async fn internal_error(self) -> Result<Action, Error> {
+        let attempts = match self.generation_observed() {
+            true => self.status.failed_attempts.unwrap_or(0).saturating_add(1),
+            false => 1,
+        };
+        let delay = refresh::retry_delay(attempts, ErrorClass::Permanent, None, self.now, None, fastrand::f64());
+        let next_attempt = refresh::next_whole_second(refresh::later(self.now, delay));
+        error!(namespace = %self.namespace, name = %self.name, attempts, "internal error: the reconcile panicked; backing off");
+        let message = format!(
+            "internal error in the operator while handling this TokenRequest (a bug; the operator's log has the details); next attempt at {next_attempt}"
+        );
+        self.publish(EventType::Warning, Reason::InternalError.as_str(), message.clone())
+            .await;
+        let status = TokenRequestStatus {
+            conditions: vec![self.condition(false, Reason::InternalError, message)],
+            observed_generation: self.tr.metadata.generation,
+            failed_attempts: Some(attempts),
+            last_failure_time: Some(Time(self.now)),
+            next_refresh_time: Some(Time(next_attempt)),
+            ..self.status.clone()
+        };
+        self.write_status(status).await?;
+        Ok(Action::requeue(delay))
+    }
+
     async fn publish(&self, type_: EventType, reason: &str, note: String) {
         let event = Event {
             type_,
             reason: reason.into(),
-            note: Some(note),
+            note,
             action: "ObtainToken".into(),
-            secondary: None,
         };
         if let Err(e) = self.ctx.events.publish(&event, &self.tr.object_ref(&())).await {
             warn!(namespace = %self.namespace, name = %self.name, error = %e, "publishing an event failed");

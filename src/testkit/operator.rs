@@ -94,8 +94,17 @@ impl OperatorProcess {
 
     /// Peak resident set size (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.memory_kib("VmHWM:")
+    }
+
+    /// Resident set size now (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.memory_kib("VmRSS:")
+    }
+
+    fn memory_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
