@@ -63,7 +63,7 @@ const REVIEWED_RULES: &[(&str, &str, &[&str])] = &[
 const REVIEWED_LEASE_RULES: &[(&str, &str, &[&str])] = &[(
     "coordination.k8s.io",
     "leases",
-    &["get", "list", "watch", "create", "patch"],
+    &["get", "list", "watch", "create", "update"],
 )];
 
 fn update_requested() -> bool {
