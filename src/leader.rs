@@ -366,12 +366,15 @@ pub async fn run_as_leader<T>(
         return Outcome::ShutDown;
     }
     info!(identity = %lock.elector.identity, "acquired the lease; leading");
+    // The work runs inside this future, so leaving the select stops all of it. The lease goes
+    // first: once the deadline has passed, the work is not polled again.
     let outcome = tokio::select! {
-        result = work => Outcome::Finished(result),
+        biased;
         loss = lock.hold() => {
             warn!(identity = %lock.elector.identity, "{loss}; stopping at once");
             Outcome::Lost(loss)
         }
+        result = work => Outcome::Finished(result),
     };
     if matches!(outcome, Outcome::Finished(_)) {
         lock.release().await;
@@ -461,7 +464,10 @@ impl LeaseLock {
                 | LeaderError::Write {
                     source: kube::Error::Api(s),
                 },
-            ) if s.code == 409 => Ok(Round::Contended),
+            ) if s.code == 409 => {
+                debug!("another write of the Lease came first");
+                Ok(Round::Contended)
+            }
             Err(e) => Err(e),
         }
     }

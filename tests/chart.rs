@@ -265,6 +265,11 @@ async fn wrong_values_fail_the_install() {
             json!({"leaderElection": {"enabled": false}}),
             "replicaCount > 1 needs leaderElection.enabled",
         ),
+        // The Lease stores whole seconds.
+        (
+            json!({"leaderElection": {"leaseGrace": "1500ms"}}),
+            "at '/leaderElection/leaseGrace'",
+        ),
         (
             json!({"ambientNamespaces": ["team-a", "Team_B"]}),
             "at '/ambientNamespaces/1'",
