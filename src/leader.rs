@@ -366,8 +366,8 @@ pub async fn run_as_leader<T>(
         return Outcome::ShutDown;
     }
     info!(identity = %lock.elector.identity, "acquired the lease; leading");
-    // The work runs inside this future, so leaving the select stops all of it. The lease goes
-    // first: once the deadline has passed, the work is not polled again.
+    // The work runs inside this future, so leaving the select stops all of it. The lease is
+    // polled first, so a deadline that has passed wins over more work in the same wake-up.
     let outcome = tokio::select! {
         biased;
         loss = lock.hold() => {
