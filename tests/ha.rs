@@ -295,6 +295,8 @@ async fn a_leader_whose_renewals_fail_stops_before_its_lease_lapses() {
         .unwrap()
     };
     let roles: Api<Role> = Api::namespaced(env.client.clone(), &namespace);
+    // Broad on purpose: this test is about the Lease; isolation.rs and chart.rs check the reviewed
+    // rules.
     let operator: Role = serde_json::from_value(json!({
         "metadata": {"name": "operator"},
         "rules": [{"apiGroups": ["gcptoken.dev", "", "events.k8s.io"], "resources": ["*"], "verbs": ["*"]}],
