@@ -2,11 +2,12 @@
 
 use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use url::Url;
 
 use crate::{
     google::Endpoints,
+    leader::{Timing, TimingError},
     ratelimit::{GoogleLimits, Rate, RateSetting},
     source::Ambient,
     telemetry::LogFormat,
@@ -80,10 +81,13 @@ pub struct RunArgs {
     /// kubeconfig context's.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// How long a lease lasts without renewal: the longest a dead leader delays its successor.
+    /// How long a standby waits after it last saw the Lease change before taking it over: the
+    /// longest a dead leader delays its successor. Whole seconds, 2s to 1h.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
-    /// How long before expiry the leader renews its lease.
+    /// The leader stops leading once it has not renewed its Lease for `--lease-duration` minus
+    /// this, so it stops at least this long before a standby can take over. Whole seconds, at
+    /// least 1s, less than `--lease-duration`.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_LEASE_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub lease_grace: Duration,
     /// Security Token Service base URL.
@@ -142,7 +146,37 @@ pub struct RunArgs {
     pub operator_service_account: Option<ServiceAccountRef>,
 }
 
+impl Cli {
+    /// Parses the command line, exiting with a usage error also when flags disagree with each
+    /// other, which clap cannot check flag by flag.
+    pub fn parse_checked() -> Cli {
+        Self::try_parse_checked_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    pub fn try_parse_checked_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Self::try_parse_from(args)?;
+        let run = match &cli.command {
+            Some(Command::Run(run)) => Some(&**run),
+            Some(Command::Crd) => None,
+            None => Some(&cli.run),
+        };
+        if let Some(run) = run {
+            run.lease_timing()
+                .map_err(|e| Cli::command().error(clap::error::ErrorKind::ValueValidation, e))?;
+        }
+        Ok(cli)
+    }
+}
+
 impl RunArgs {
+    pub fn lease_timing(&self) -> Result<Timing, TimingError> {
+        Timing::new(self.lease_duration, self.lease_grace)
+    }
+
     pub fn endpoints(&self) -> Endpoints {
         Endpoints {
             sts: self.sts_endpoint.clone(),
@@ -184,7 +218,6 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_consistent() {
@@ -245,10 +278,41 @@ mod tests {
         assert!(cli.run.leader_elect);
         assert_eq!(cli.run.lease_duration, Duration::from_secs(20));
         assert_eq!(cli.run.lease_grace, Duration::from_secs(5));
+        assert_eq!(
+            cli.run.lease_timing().map(Timing::renew_deadline),
+            Ok(Duration::from_secs(15))
+        );
         assert!(cli.command.is_none());
         assert_eq!(cli.run.namespaces, vec!["a", "b"]);
         assert_eq!(cli.run.endpoints().sts.as_str(), "http://127.0.0.1:9000/");
         assert_eq!(cli.run.endpoints().discovery_engine, None);
         assert_eq!(cli.run.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn lease_flags_that_disagree_are_usage_errors() {
+        let parse = |args: &[&str]| {
+            let all = ["gcp-token-operator"].iter().chain(args).copied().collect::<Vec<_>>();
+            Cli::try_parse_checked_from(all)
+        };
+        assert!(parse(&[]).is_ok());
+        assert!(parse(&["--lease-duration", "2s", "--lease-grace", "1s"]).is_ok());
+        assert!(parse(&["run", "--lease-duration", "1h", "--lease-grace", "59m"]).is_ok());
+        for (args, message) in [
+            (&["--lease-grace", "15s"][..], "must be shorter than --lease-duration"),
+            (&["--lease-duration", "10s", "--lease-grace", "20s"], "must be shorter"),
+            (&["--lease-duration", "500ms"], "whole seconds"),
+            (&["--lease-grace", "1500ms"], "whole seconds"),
+            (&["--lease-duration", "1s", "--lease-grace", "1s"], "from 2s to 3600s"),
+            (&["--lease-duration", "2h"], "from 2s to 3600s"),
+            (&["--lease-grace", "0s"], "at least 1s"),
+            (&["run", "--lease-grace", "30s"], "must be shorter"),
+        ] {
+            let error = parse(args).expect_err(&format!("{args:?} is rejected"));
+            assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation, "{args:?}");
+            assert!(error.to_string().contains(message), "{args:?}: {error}");
+        }
+        // `crd` takes no lease flags, so nothing to check.
+        assert!(parse(&["crd"]).is_ok());
     }
 }

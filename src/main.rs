@@ -4,7 +4,6 @@ use std::sync::{
 };
 
 use anyhow::Context as _;
-use clap::Parser;
 use gcp_token_operator::{
     cli::{Cli, Command, RunArgs},
     controller::{self, Settings},
@@ -23,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
     rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked();
     match cli.command {
         Some(Command::Crd) => {
             print!("{}", crd_yaml());
@@ -39,6 +38,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
+    // The Lease has a client of its own, not throttled with the reconciles: a renewal queued behind
+    // a burst of them could miss its deadline and stop the leader.
+    let lease_client = args
+        .leader_elect
+        .then(|| kube::Client::try_from(config.clone()))
+        .transpose()
+        .context("building the Kubernetes client for the Lease")?;
     let builder = kube::client::ClientBuilder::try_from(config).context("building the Kubernetes client")?;
     let client = match args.kube_rate() {
         Some(rate) => builder.with_layer(&KubeRateLimitLayer::new(rate)).build(),
@@ -53,16 +59,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let server = tokio::spawn(http::serve(args.http_addr, metrics.clone(), ready.clone()));
     let instance = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
-    let lease = args.leader_elect.then(|| LeaseSettings {
-        name: args.lease_name.clone(),
-        namespace: args
-            .lease_namespace
-            .clone()
-            .unwrap_or_else(|| client.default_namespace().to_string()),
-        // Unique even for two processes on one host.
-        identity: format!("{instance}_{}", std::process::id()),
-        duration: args.lease_duration,
-        grace: args.lease_grace,
+    let timing = args.lease_timing()?;
+    let lease = lease_client.map(|lease_client| {
+        let settings = LeaseSettings {
+            name: args.lease_name.clone(),
+            namespace: args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string()),
+            // Unique even for two processes on one host.
+            identity: format!("{instance}_{}", std::process::id()),
+            timing,
+        };
+        (lease_client, settings)
     });
     let settings = Settings {
         policy: args.policy(),
@@ -74,15 +83,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let reconcile = controller::run(client.clone(), google, metrics, settings, ready.clone());
     let work = async {
-        let Some(lease) = lease else {
+        let Some((lease_client, lease)) = lease else {
             reconcile.await;
             return Ok(());
         };
         // A standby is healthy and ready to take over; it reports ready so rollouts proceed.
         ready.store(true, Ordering::Relaxed);
-        match leader::run_as_leader(client, lease, shutdown_signal(), reconcile).await? {
+        match leader::run_as_leader(lease_client, lease, shutdown_signal(), reconcile).await {
             Outcome::Finished(()) | Outcome::ShutDown => Ok(()),
-            Outcome::Lost => anyhow::bail!("lost the leader lease; exiting so that only the new leader writes"),
+            Outcome::Lost(loss) => {
+                anyhow::bail!("stopped leading ({loss}); exiting so that only the new leader writes")
+            }
         }
     };
     tokio::select! {

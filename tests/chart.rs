@@ -63,7 +63,7 @@ const REVIEWED_RULES: &[(&str, &str, &[&str])] = &[
 const REVIEWED_LEASE_RULES: &[(&str, &str, &[&str])] = &[(
     "coordination.k8s.io",
     "leases",
-    &["get", "list", "watch", "create", "patch"],
+    &["get", "list", "watch", "create", "update"],
 )];
 
 fn update_requested() -> bool {
@@ -264,6 +264,11 @@ async fn wrong_values_fail_the_install() {
         (
             json!({"leaderElection": {"enabled": false}}),
             "replicaCount > 1 needs leaderElection.enabled",
+        ),
+        // The Lease stores whole seconds.
+        (
+            json!({"leaderElection": {"leaseGrace": "1500ms"}}),
+            "at '/leaderElection/leaseGrace'",
         ),
         (
             json!({"ambientNamespaces": ["team-a", "Team_B"]}),

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use gcp_token_operator::{
     crd::TokenRequest,
     testkit::{
-        control_plane::{create_namespace, create_service_account, mint_token},
+        control_plane::{create_namespace, create_service_account},
         emulator::Endpoint,
     },
 };
@@ -18,11 +18,7 @@ use k8s_openapi::api::{
     core::v1::Secret,
     rbac::v1::{ClusterRole, RoleBinding},
 };
-use kube::{
-    Api, CustomResourceExt,
-    api::PostParams,
-    config::{AuthInfo, Kubeconfig},
-};
+use kube::{Api, CustomResourceExt, api::PostParams};
 use serde_json::{Value, json};
 use support::{sources::*, *};
 
@@ -111,19 +107,8 @@ async fn operator_identity(env: &Env<'_>, namespace: &str, watched: &[String], d
             .await
             .unwrap();
     }
-    let (token, _) = mint_token(&env.client, namespace, OPERATOR_ACCOUNT, &[], 7200)
-        .await
-        .unwrap();
-    let mut config = Kubeconfig::read_from(env.control_plane.kubeconfig_path()).unwrap();
-    for user in &mut config.auth_infos {
-        user.auth_info = Some(AuthInfo {
-            token: Some(token.clone().into()),
-            ..AuthInfo::default()
-        });
-    }
     let path = dir.join("kubeconfig");
-    // JSON is YAML.
-    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+    env.write_kubeconfig_as(namespace, OPERATOR_ACCOUNT, &path).await;
     path
 }
 

@@ -130,6 +130,11 @@ impl OperatorProcess {
         self.child.wait()
     }
 
+    /// How the process ended, if it has.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
     /// Kills the process at once (SIGKILL), as a crash or an eviction would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -17,7 +17,7 @@ use std::{
 use gcp_token_operator::{
     crd::TokenRequest,
     testkit::{
-        control_plane::{ControlPlane, apply_crds, create_namespace, wait_for},
+        control_plane::{ControlPlane, apply_crds, create_namespace, mint_token, wait_for},
         emulator::GoogleEmulator,
         operator::{OperatorOptions, OperatorProcess},
     },
@@ -26,6 +26,7 @@ use k8s_openapi::api::core::v1::{Event, Secret, ServiceAccount};
 use kube::{
     Api, Client, CustomResourceExt,
     api::{DeleteParams, ListParams, PostParams},
+    config::{AuthInfo, Kubeconfig},
 };
 use serde_json::Value;
 
@@ -124,6 +125,24 @@ impl<'a> Env<'a> {
         if let Some(mut operator) = self.operator.take() {
             operator.kill();
         }
+    }
+
+    /// Writes to `path` a kubeconfig for this control plane that authenticates as ServiceAccount
+    /// `namespace/name` (with a two-hour token), so an operator run with it has exactly the
+    /// permissions RBAC grants that account.
+    pub async fn write_kubeconfig_as(&self, namespace: &str, name: &str, path: &Path) {
+        let (token, _) = mint_token(&self.client, namespace, name, &[], 7200)
+            .await
+            .expect("a ServiceAccount token");
+        let mut config = Kubeconfig::read_from(self.control_plane.kubeconfig_path()).expect("the admin kubeconfig");
+        for user in &mut config.auth_infos {
+            user.auth_info = Some(AuthInfo {
+                token: Some(token.clone().into()),
+                ..AuthInfo::default()
+            });
+        }
+        // JSON is YAML.
+        std::fs::write(path, serde_json::to_string(&config).unwrap()).expect("writing a kubeconfig");
     }
 
     /// Everything every operator run of this test logged.
