@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::http::StatusCode;
 use jsonwebtoken::DecodingKey;
+use k8s_openapi::jiff::SignedDuration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
@@ -191,6 +192,13 @@ impl GoogleEmulator {
             .entry(endpoint)
             .or_default()
             .extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Sets the emulator's clock `offset` off the real one (positive: ahead). The absolute times it
+    /// answers with (`expireTime`, `expirationTime`, the `Date` header) read that clock; tokens
+    /// still expire by the real one, after their lifetime.
+    pub fn set_clock_offset(&self, offset: SignedDuration) {
+        self.shared.state().clock_offset = offset;
     }
 
     /// Delays every answer from `endpoint` (faults included) by `latency`.
