@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use jsonwebtoken::DecodingKey;
 use k8s_openapi::jiff::SignedDuration;
 use tokio::net::TcpListener;
@@ -174,7 +174,8 @@ impl GoogleEmulator {
     ///
     /// # Panics
     /// If the fault cannot happen at that endpoint (e.g. [`Fault::ExchangeError`] anywhere but
-    /// Developer Connect) or a [`Fault::Status`] code is not an HTTP status.
+    /// Developer Connect), a [`Fault::Status`] code is not an HTTP status, or a
+    /// [`Fault::Redirect`] location cannot be a header value.
     pub fn fail_next(&self, endpoint: Endpoint, times: usize, fault: Fault) {
         assert!(
             fault.applies_to(endpoint),
@@ -184,6 +185,12 @@ impl GoogleEmulator {
             assert!(
                 StatusCode::from_u16(code).is_ok(),
                 "fail_next: {code} is not an HTTP status"
+            );
+        }
+        if let Fault::Redirect { location } = &fault {
+            assert!(
+                HeaderValue::try_from(location.as_str()).is_ok(),
+                "fail_next: {location:?} cannot be a Location header"
             );
         }
         let mut state = self.shared.state();
