@@ -78,8 +78,11 @@ pub(super) async fn pad(response: Response, padding: usize) -> Response {
 impl Fault {
     pub(super) fn applies_to(&self, endpoint: Endpoint) -> bool {
         match self {
-            Fault::Status { .. } | Fault::MalformedJson | Fault::DropConnection | Fault::Redirect { .. } => true,
-            Fault::Padded { .. } => true,
+            Fault::Status { .. }
+            | Fault::MalformedJson
+            | Fault::DropConnection
+            | Fault::Redirect { .. }
+            | Fault::Padded { .. } => true,
             Fault::ExchangeError { .. } | Fault::EmptyExpiration => endpoint == Endpoint::FetchAccessToken,
             Fault::EmptyToken => endpoint != Endpoint::TokenInfo,
         }
