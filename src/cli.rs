@@ -122,11 +122,12 @@ pub struct RunArgs {
         default_value = "https://oauth2.googleapis.com"
     )]
     pub oauth2_endpoint: Url,
-    /// GCE metadata server base URL.
+    /// GCE metadata server base URL. An address by default, as Google's libraries use: the name
+    /// `metadata.google.internal` would go through the pod's DNS search path first.
     #[arg(
         long,
         env = "GCP_TOKEN_OPERATOR_METADATA_ENDPOINT",
-        default_value = "http://metadata.google.internal"
+        default_value = "http://169.254.169.254"
     )]
     pub metadata_endpoint: Url,
     /// Namespace whose TokenRequests may use the operator's own Google identity
@@ -262,6 +263,7 @@ mod tests {
             Some((100, 200))
         );
         assert_eq!(defaults.refresh_spread, Duration::from_secs(30));
+        assert_eq!(defaults.endpoints().metadata.as_str(), "http://169.254.169.254/");
         let policy = cli.run.policy();
         assert_eq!(
             policy.ambient_namespaces.iter().collect::<Vec<_>>(),

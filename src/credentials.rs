@@ -259,12 +259,12 @@ fn external_account(f: &Fields<'_>, endpoints: &Endpoints) -> Result<ExternalAcc
                     f.error(
                         "service_account_impersonation_url",
                         format!(
-                            "must be this operator's IAM Credentials endpoint, {}",
+                            "must be this operator's IAM Credentials endpoint, {}, for a service account email \
+                             or unique id",
                             endpoints.generate_access_token_url("SERVICE_ACCOUNT_EMAIL")
                         ),
                     )
-                })?
-                .to_string(),
+                })?,
         ),
     };
     Ok(ExternalAccount {
@@ -536,6 +536,14 @@ mod tests {
             "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/not an account:generateAccessToken"
                 .to_string(),
             format!("https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/{SA}:signJwt"),
+            // Escapes, dot segments, queries and fragments: the URL must be the operator's own, to the letter.
+            format!("https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/{SA}:generateAccessToken#"),
+            format!("https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/{SA}?alt=json:generateAccessToken"),
+            format!(r"https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/x\..\{SA}:generateAccessToken"),
+            format!("https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/x/../{SA}:generateAccessToken"),
+            "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/x%40p.iam.gserviceaccount.com:generateAccessToken"
+                .to_string(),
+            "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/X@P.COM:generateAccessToken".to_string(),
         ] {
             let file = external(serde_json::json!({ "service_account_impersonation_url": url }));
             let e = parse_file(&file, SecretFormat::Auto).err().unwrap();

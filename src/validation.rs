@@ -372,11 +372,16 @@ fn validate_flow(spec: &TokenRequestSpec, p: &mut Problems) -> Option<Flow> {
     }
     if let Some(dc) = &f.developer_connect {
         p.check(
-            is_resource_name(&dc.account_connector, &["projects", "locations", "accountConnectors"], None),
+            is_resource_name(
+                &dc.account_connector,
+                &["projects", "locations", "accountConnectors"],
+                None,
+            ),
             || {
                 format!(
-                    "spec.flow.developerConnect.accountConnector {:?} is not projects/P/locations/L/accountConnectors/C",
-                    dc.account_connector
+                    "spec.flow.developerConnect.accountConnector {} is not projects/P/locations/L/accountConnectors/C \
+                     (each ID letters, digits, '-', '_' and '.', not . or ..)",
+                    quote(&dc.account_connector)
                 )
             },
         );
@@ -386,11 +391,16 @@ fn validate_flow(spec: &TokenRequestSpec, p: &mut Problems) -> Option<Flow> {
     }
     let de = f.discovery_engine.as_ref()?;
     p.check(
-        is_resource_name(&de.data_connector, &["projects", "locations", "collections"], Some("dataConnector")),
+        is_resource_name(
+            &de.data_connector,
+            &["projects", "locations", "collections"],
+            Some("dataConnector"),
+        ),
         || {
             format!(
-                "spec.flow.discoveryEngine.dataConnector {:?} is not projects/P/locations/L/collections/C/dataConnector",
-                de.data_connector
+                "spec.flow.discoveryEngine.dataConnector {} is not projects/P/locations/L/collections/C/dataConnector \
+                 (each ID letters, digits, '-', '_' and '.', not . or ..)",
+                quote(&de.data_connector)
             )
         },
     );
@@ -581,13 +591,18 @@ impl Target<'_> {
     fn validate(&self, at: &str, scopes: Vec<String>, p: &mut Problems) -> ImpersonationParams {
         p.check(is_service_account(self.service_account), || {
             format!(
-                "{at}.serviceAccount {:?} is neither a service account email nor a numeric unique id",
-                self.service_account
+                "{at}.serviceAccount {} is neither a service account email ({SERVICE_ACCOUNT_SHAPE}) nor a numeric \
+                 unique id",
+                quote(self.service_account)
             )
         });
         for d in self.delegates {
             p.check(is_service_account(d), || {
-                format!("{at}.delegates: {d:?} is not a service account email or unique id")
+                format!(
+                    "{at}.delegates: {} is neither a service account email ({SERVICE_ACCOUNT_SHAPE}) nor a numeric \
+                     unique id",
+                    quote(d)
+                )
             });
         }
         let lifetime = match self.lifetime {
@@ -835,11 +850,24 @@ pub fn is_sts_audience(audience: &str) -> bool {
     }
 }
 
+const SERVICE_ACCOUNT_SHAPE: &str = "lowercase letters, digits and '-', an @, then a domain of such labels";
+
+/// A service account as IAM names it: a numeric unique id, or an email of the shape Google gives
+/// service accounts (`NAME@PROJECT.iam.gserviceaccount.com`, the service agents' too). Nothing
+/// else, so that in a URL it needs no escaping and cannot add a path segment, a query or a fragment.
 pub fn is_service_account(account: &str) -> bool {
-    let is_id = !account.is_empty() && account.len() <= 32 && account.chars().all(|c| c.is_ascii_digit());
-    let is_email = account
-        .split_once('@')
-        .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !account.contains(['/', ' ', ':']));
+    let is_id = !account.is_empty() && account.len() <= 32 && account.bytes().all(|c| c.is_ascii_digit());
+    let is_part = |part: &str| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+    };
+    // 64 and 254: the limits of an email's local part and of the whole address (RFC 5321).
+    let is_email = account.len() <= 254
+        && account.split_once('@').is_some_and(|(local, domain)| {
+            local.len() <= 64 && is_part(local) && domain.contains('.') && domain.split('.').all(is_part)
+        });
     is_id || is_email
 }
 
@@ -857,8 +885,31 @@ fn is_resource_name(name: &str, collections: &[&str], singleton: Option<&str>) -
     pairs_ok && singleton.is_none_or(|s| parts[expected - 1] == s)
 }
 
+/// One ID of a resource name: it becomes one URL path segment, so `.` and `..` (which a URL
+/// resolves) are refused, and so is anything that would need escaping.
 fn is_resource_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// `value` quoted for a message, cut to a bounded prefix: a tenant's string can be as long as the
+/// object allows, and control characters are shown escaped.
+fn quote(value: &str) -> String {
+    const MAX_BYTES: usize = 120;
+    let mut quoted = String::from('"');
+    for c in value.chars() {
+        let escaped = c.escape_debug().to_string();
+        if quoted.len() + escaped.len() > MAX_BYTES {
+            quoted.push_str("\"…");
+            return quoted;
+        }
+        quoted.push_str(&escaped);
+    }
+    quoted.push('"');
+    quoted
 }
 
 pub fn is_dns_subdomain(name: &str) -> bool {
@@ -1092,6 +1143,99 @@ mod tests {
             &data,
             Some("dataConnector")
         ));
+    }
+
+    #[test]
+    fn names_cannot_reach_beyond_their_url_segment() {
+        for account in [
+            "sa@p.iam.gserviceaccount.com",
+            "service-1@gcp-sa-x.iam.gserviceaccount.com",
+            "1234567890",
+        ] {
+            assert!(is_service_account(account), "{account}");
+        }
+        for account in [
+            "x@y.z#",
+            r"x@y.z\..\a",
+            r"x@y.z\..\..\..\..\..\anything#",
+            "x@y.z?alt=json&x=",
+            "x@y.z/../a",
+            "x%40y.z",
+            "x@y.z%2F..",
+            "x @y.z",
+            "x@y.z\n",
+            "x@y..z",
+            "x@.z",
+            "x@y.z.",
+            "Sa@p.iam.gserviceaccount.com",
+            "sä@p.com",
+            "x@y",
+            "@y.z",
+            "x@y.z:signJwt",
+            ".",
+            "..",
+            "",
+        ] {
+            assert!(!is_service_account(account), "{account:?}");
+        }
+        assert!(!is_service_account(&format!("{}@p.com", "a".repeat(65))));
+        assert!(!is_service_account(&format!("a@{}.com", "p".repeat(250))));
+
+        let connectors = ["projects", "locations", "accountConnectors"];
+        for name in [
+            "projects/p/locations/l/accountConnectors/..",
+            "projects/p/locations/l/accountConnectors/.",
+            "projects/../locations/l/accountConnectors/c",
+            "projects/p/locations/l/accountConnectors/c%2F..",
+            "projects/p/locations/l/accountConnectors/c?x=1",
+            "projects/p/locations/l/accountConnectors/c#",
+            r"projects/p/locations/l/accountConnectors/c\..",
+            "projects/p/locations/l/accountConnectors/c d",
+            "projects/p/locations/l/accountConnectors/c\t",
+            "projects/p/locations/l/accountConnectors/cé",
+        ] {
+            assert!(!is_resource_name(name, &connectors, None), "{name:?}");
+        }
+        assert!(is_resource_name(
+            "projects/p/locations/l/accountConnectors/.hidden..c",
+            &connectors,
+            None
+        ));
+
+        let spec = from_json(serde_json::json!({
+            "flow": {"developerConnect": {"accountConnector": "projects/p/locations/l/accountConnectors/.."}},
+            "source": {"secret": {"name": "caller", "key": "token"}},
+        }));
+        let p = problems(&spec);
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("spec.flow.developerConnect.accountConnector")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn messages_quote_only_a_bounded_prefix() {
+        let long = format!("x@y.z?{}", "\u{7}".repeat(10_000));
+        let mut spec = sts_spec();
+        spec.flow = FlowSpec {
+            impersonation: Some(ImpersonationFlow {
+                service_account: long.clone(),
+                scopes: vec![CLOUD_PLATFORM_SCOPE.into()],
+                delegates: vec![long],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let p = problems(&spec);
+        let named: Vec<_> = p.iter().filter(|m| m.contains("x@y.z?")).collect();
+        assert_eq!(named.len(), 2, "{p:?}");
+        for message in named {
+            assert!(message.len() < 300, "{} bytes: {message}", message.len());
+            assert!(message.contains(r#""x@y.z?\u{7}"#), "{message}");
+            assert!(message.contains("\"…"), "{message}");
+        }
+        assert_eq!(quote("a\"b"), r#""a\"b""#);
     }
 
     #[test]

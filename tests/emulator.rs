@@ -776,6 +776,79 @@ async fn malformed_json_and_empty_token_faults_answer_200() {
 }
 
 #[tokio::test]
+async fn a_redirect_fault_answers_307_with_the_location() {
+    let (emu, _) = setup().await;
+    let location = "http://127.0.0.1:9/v1/token";
+    emu.fail_next(
+        Endpoint::Sts,
+        1,
+        Fault::Redirect {
+            location: location.into(),
+        },
+    );
+    let http = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let response = sts(&emu, &http, &sts_form("t")).send().await.unwrap();
+    assert_eq!(response.status(), 307);
+    assert_eq!(response.headers()["location"], location);
+    assert!(emu.issued_tokens().is_empty());
+}
+
+#[tokio::test]
+async fn a_padded_fault_streams_a_huge_but_valid_body() {
+    let (emu, http) = setup().await;
+    let padding = 3 * 1024 * 1024 + 17;
+    emu.fail_next(Endpoint::Metadata, 1, Fault::Padded { padding });
+    let response = metadata(&emu, &http).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    // Streamed: nothing tells the client the size up front.
+    assert_eq!(response.content_length(), None);
+    let body = response.bytes().await.unwrap();
+    assert!(body.len() > padding, "{} bytes", body.len());
+    let body: Value = serde_json::from_slice(&body).expect("still JSON");
+    let token = body["access_token"].as_str().unwrap();
+    assert_eq!(emu.issued_tokens(), [token]);
+}
+
+#[tokio::test]
+async fn a_clock_offset_moves_absolute_times_and_the_date_header_only() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    let offset = Duration::from_secs(7200);
+    emu.set_clock_offset(k8s_openapi::jiff::SignedDuration::try_from(offset).unwrap());
+
+    let response = generate(
+        &emu,
+        &http,
+        TARGET_SA,
+        Some(&caller),
+        json!({"scope": [CLOUD_PLATFORM]}),
+    )
+    .send()
+    .await
+    .unwrap();
+    let date = response.headers()["date"].to_str().unwrap().to_owned();
+    let date = k8s_openapi::jiff::fmt::rfc2822::parse(&date).unwrap().timestamp();
+    let body: Value = response.json().await.unwrap();
+    let expire: k8s_openapi::jiff::Timestamp = body["expireTime"].as_str().unwrap().parse().unwrap();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    // The server's clock reads 2 h ahead; its token still lives 1 h by that clock.
+    let ahead = date.duration_since(now).as_secs();
+    assert!((7199..=7201).contains(&ahead), "{ahead}");
+    assert!((3599..=3601).contains(&expire.duration_since(date).as_secs()));
+    // ... and by the real one: it expires after its lifetime, not its skewed time.
+    let info = emu.token_info(body["accessToken"].as_str().unwrap()).unwrap();
+    assert!((3598..=3600).contains(&secs_left(info.expires_at)));
+
+    // Relative lifetimes (here the metadata server's expires_in) do not depend on the clock.
+    let response = metadata(&emu, &http).send().await.unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert!((3599..=3600).contains(&body["expires_in"].as_u64().unwrap()), "{body}");
+}
+
+#[tokio::test]
 async fn latency_delays_the_answer() {
     let (emu, http) = setup().await;
     emu.set_latency(Endpoint::Metadata, Duration::from_millis(300));

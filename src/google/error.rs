@@ -76,6 +76,16 @@ pub enum GoogleError {
     },
     #[error("{api}: unreadable response (HTTP {status}): {detail}")]
     Malformed { api: Api, status: u16, detail: String },
+    /// Never followed: a redirect would carry the request's credentials (a 307/308 re-sends the
+    /// body, with subject tokens, client secrets or assertions) to where the answer points.
+    /// `Location` is not quoted, as it may carry anything.
+    #[error(
+        "{api}: answered HTTP {status}, a redirect, which is not followed: credentials go only to the configured endpoint"
+    )]
+    Redirected { api: Api, status: u16 },
+    /// The body was not read past `limit` bytes.
+    #[error("{api}: response body over {limit} bytes (HTTP {status}), not read further")]
+    Oversized { api: Api, status: u16, limit: usize },
     #[error("{api}: the provider refused the token exchange: {code}: {description}")]
     ExchangeError {
         api: Api,
@@ -89,13 +99,32 @@ pub enum GoogleError {
     Throttled { api: Api, retry_after: Duration },
 }
 
+/// Why the Google client cannot be built from the operator's settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("building the HTTP client: {source}")]
+    Http {
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Not quoted: the setting may hold a password in its user info.
+    #[error("the {api} endpoint must be an http or https URL with a host, and without user info, query or fragment")]
+    Endpoint { api: Api },
+}
+
 /// OAuth error codes Google's libraries treat as retryable.
 const TRANSIENT_OAUTH_CODES: [&str; 3] = ["server_error", "temporarily_unavailable", "internal_failure"];
 
 impl GoogleError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::Transport { .. } | Self::Malformed { .. } | Self::Throttled { .. } => ErrorClass::Transient,
+            // An oversized body is an endpoint (or a proxy in front of it) misbehaving, like a
+            // malformed one: it may pass.
+            Self::Transport { .. } | Self::Malformed { .. } | Self::Oversized { .. } | Self::Throttled { .. } => {
+                ErrorClass::Transient
+            }
+            // A redirect is the endpoint's configuration: it answers the same way next time.
+            Self::Redirected { .. } => ErrorClass::Permanent,
             Self::Rejected { status, code, .. } => {
                 if *status == 408 || *status == 429 || *status >= 500 || TRANSIENT_OAUTH_CODES.contains(&code.as_str())
                 {
@@ -221,5 +250,22 @@ mod tests {
             detail: "d".into(),
         };
         assert_eq!(e.class(), ErrorClass::Transient);
+        let e = GoogleError::Redirected {
+            api: Api::Sts,
+            status: 307,
+        };
+        assert_eq!(
+            (e.class(), e.reason()),
+            (ErrorClass::Permanent, Reason::UpstreamRejected)
+        );
+        let e = GoogleError::Oversized {
+            api: Api::Sts,
+            status: 200,
+            limit: 65536,
+        };
+        assert_eq!(
+            (e.class(), e.reason()),
+            (ErrorClass::Transient, Reason::UpstreamUnavailable)
+        );
     }
 }

@@ -62,6 +62,11 @@ impl Call<'_> {
         SystemTime::now() + self.lifetime()
     }
 
+    /// The real time `t` as the emulator's clock reads it: how absolute times are answered.
+    pub(super) fn on_clock(&self, t: SystemTime) -> SystemTime {
+        self.shared.state().on_clock(t)
+    }
+
     /// Issues a token for `principal`, or returns an empty one (issuing nothing) when a scripted
     /// fault says the answer carries no token.
     pub(super) fn mint(&self, principal: String, scopes: Vec<String>, expires_at: SystemTime) -> String {

@@ -27,7 +27,7 @@ pub(super) fn fetch_access_token(call: &Call, connector: &str) -> Result<Respons
     let token = call.mint(caller.principal, provider_scopes(), expires_at);
     let mut body = json!({
         "token": token,
-        "expirationTime": wire::rfc3339(expires_at),
+        "expirationTime": wire::rfc3339(call.on_clock(expires_at)),
         "scopes": PROVIDER_SCOPES,
     });
     match &call.shaping {

@@ -1,5 +1,6 @@
 //! Scripted faults: what each one does to an answer.
 
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -23,6 +24,12 @@ pub enum Fault {
     EmptyExpiration,
     /// `200 OK` with an empty token field (not at `tokeninfo`, which returns no token).
     EmptyToken,
+    /// `307 Temporary Redirect` to `location`, as a misconfigured proxy or an attacker on the
+    /// path would answer: a client that follows it re-sends the request, body and all.
+    Redirect { location: String },
+    /// The endpoint's usual answer (a token is issued), followed by `padding` bytes of JSON
+    /// whitespace, streamed without a `Content-Length`: still valid JSON, just huge.
+    Padded { padding: usize },
 }
 
 /// What a fault does to the call it hits.
@@ -33,6 +40,8 @@ pub(super) enum Applied {
     Drop,
     /// Run the handler, which alters its success body accordingly.
     Shape(Shaping),
+    /// Run the handler, then append this many bytes of whitespace to its body.
+    Pad(usize),
 }
 
 /// The faults that only alter an otherwise successful answer.
@@ -50,10 +59,30 @@ impl Shaping {
     }
 }
 
+/// `response` with `padding` bytes of whitespace after its body, streamed in chunks so that
+/// neither side needs the whole body in memory at once.
+pub(super) async fn pad(response: Response, padding: usize) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let (mut parts, body) = response.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let blanks = Bytes::from(vec![b' '; CHUNK]);
+    let sizes = std::iter::repeat_n(CHUNK, padding / CHUNK).chain([padding % CHUNK].into_iter().filter(|n| *n > 0));
+    let chunks = std::iter::once(body).chain(sizes.map(move |n| blanks.slice(..n)));
+    let stream = futures::stream::iter(chunks.map(Ok::<_, std::convert::Infallible>));
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
 impl Fault {
     pub(super) fn applies_to(&self, endpoint: Endpoint) -> bool {
         match self {
-            Fault::Status { .. } | Fault::MalformedJson | Fault::DropConnection => true,
+            Fault::Status { .. }
+            | Fault::MalformedJson
+            | Fault::DropConnection
+            | Fault::Redirect { .. }
+            | Fault::Padded { .. } => true,
             Fault::ExchangeError { .. } | Fault::EmptyExpiration => endpoint == Endpoint::FetchAccessToken,
             Fault::EmptyToken => endpoint != Endpoint::TokenInfo,
         }
@@ -74,6 +103,14 @@ impl Fault {
                 Applied::Respond(([(header::CONTENT_TYPE, "application/json")], body).into_response())
             }
             Fault::DropConnection => Applied::Drop,
+            Fault::Redirect { location } => {
+                let response = match HeaderValue::try_from(location) {
+                    Ok(location) => (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location)]).into_response(),
+                    Err(_) => ApiError::injected(endpoint, StatusCode::INTERNAL_SERVER_ERROR).into_response(),
+                };
+                Applied::Respond(response)
+            }
+            Fault::Padded { padding } => Applied::Pad(padding),
             Fault::ExchangeError { code, description } => Applied::Shape(Shaping::ExchangeError { code, description }),
             Fault::EmptyExpiration => Applied::Shape(Shaping::EmptyExpiration),
             Fault::EmptyToken => Applied::Shape(Shaping::EmptyToken),

@@ -71,7 +71,7 @@ pub(super) fn generate_access_token(call: &Call, project: &str, account: &str) -
     };
     let expires_at = SystemTime::now() + lifetime;
     let token = call.mint(format!("serviceAccount:{account}"), scopes, expires_at);
-    Ok(Json(json!({ "accessToken": token, "expireTime": wire::rfc3339(expires_at) })).into_response())
+    Ok(Json(json!({ "accessToken": token, "expireTime": wire::rfc3339(call.on_clock(expires_at)) })).into_response())
 }
 
 /// Google's answer both when the caller lacks the permission and when the account does not exist.

@@ -23,8 +23,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use jsonwebtoken::DecodingKey;
+use k8s_openapi::jiff::SignedDuration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
@@ -173,7 +174,8 @@ impl GoogleEmulator {
     ///
     /// # Panics
     /// If the fault cannot happen at that endpoint (e.g. [`Fault::ExchangeError`] anywhere but
-    /// Developer Connect) or a [`Fault::Status`] code is not an HTTP status.
+    /// Developer Connect), a [`Fault::Status`] code is not an HTTP status, or a
+    /// [`Fault::Redirect`] location cannot be a header value.
     pub fn fail_next(&self, endpoint: Endpoint, times: usize, fault: Fault) {
         assert!(
             fault.applies_to(endpoint),
@@ -185,12 +187,25 @@ impl GoogleEmulator {
                 "fail_next: {code} is not an HTTP status"
             );
         }
+        if let Fault::Redirect { location } = &fault {
+            assert!(
+                HeaderValue::try_from(location.as_str()).is_ok(),
+                "fail_next: {location:?} cannot be a Location header"
+            );
+        }
         let mut state = self.shared.state();
         state
             .faults
             .entry(endpoint)
             .or_default()
             .extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Sets the emulator's clock `offset` off the real one (positive: ahead). The absolute times it
+    /// answers with (`expireTime`, `expirationTime`, the `Date` header) read that clock; tokens
+    /// still expire by the real one, after their lifetime.
+    pub fn set_clock_offset(&self, offset: SignedDuration) {
+        self.shared.state().clock_offset = offset;
     }
 
     /// Delays every answer from `endpoint` (faults included) by `latency`.

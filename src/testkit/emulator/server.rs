@@ -13,7 +13,7 @@ use axum::Router;
 use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,9 +22,9 @@ use tokio::sync::Notify;
 
 use super::call::Call;
 use super::errors::ApiError;
-use super::faults::Applied;
+use super::faults::{self, Applied};
 use super::state::Shared;
-use super::{Endpoint, RecordedRequest, connectors, iam, metadata, oauth, sts};
+use super::{Endpoint, RecordedRequest, connectors, iam, metadata, oauth, sts, wire};
 
 /// Large enough for STS `options`, which Google allows up to 4 MiB.
 const MAX_BODY: usize = 8 << 20;
@@ -130,10 +130,11 @@ async fn dispatch(
         return ApiError::rpc(StatusCode::NOT_FOUND, message).into_response();
     };
     let endpoint = route.endpoint();
-    let shaping = match fault.map(|fault| fault.apply(endpoint)) {
-        None => None,
-        Some(Applied::Shape(shaping)) => Some(shaping),
-        Some(Applied::Respond(response)) => return finish(endpoint, response),
+    let (shaping, padding) = match fault.map(|fault| fault.apply(endpoint)) {
+        None => (None, 0),
+        Some(Applied::Shape(shaping)) => (Some(shaping), 0),
+        Some(Applied::Pad(padding)) => (None, padding),
+        Some(Applied::Respond(response)) => return finish(&shared, endpoint, response),
         Some(Applied::Drop) => {
             connection.drop_connection();
             // Never reaches the client: writing it fails and hyper closes the connection.
@@ -142,7 +143,7 @@ async fn dispatch(
     };
     let Ok(body) = body else {
         let error = ApiError::invalid_argument("The request body could not be read.");
-        return finish(endpoint, error.into_response());
+        return finish(&shared, endpoint, error.into_response());
     };
     let call = Call {
         shared: &shared,
@@ -152,10 +153,13 @@ async fn dispatch(
         body: &body,
         shaping,
     };
-    finish(
-        endpoint,
-        route.handle(&call).unwrap_or_else(IntoResponse::into_response),
-    )
+    let response = route.handle(&call).unwrap_or_else(IntoResponse::into_response);
+    let response = if padding > 0 {
+        faults::pad(response, padding).await
+    } else {
+        response
+    };
+    finish(&shared, endpoint, response)
 }
 
 /// Matches `path` against a template in the style of Google's HTTP rules, where `*` stands for
@@ -179,7 +183,12 @@ fn captures<const N: usize>(path: &str, template: &str) -> Option<[String; N]> {
 }
 
 /// Headers every answer of an endpoint carries, errors and faults included.
-fn finish(endpoint: Endpoint, mut response: Response) -> Response {
+fn finish(shared: &Shared, endpoint: Endpoint, mut response: Response) -> Response {
+    // By the emulator's clock, which a test may set off the real one; hyper keeps a Date it finds.
+    let date = wire::http_date(shared.state().now());
+    if let Ok(date) = HeaderValue::try_from(date) {
+        response.headers_mut().insert(header::DATE, date);
+    }
     if endpoint == Endpoint::Metadata {
         // Clients check this to know they reached a real metadata server.
         let flavor = HeaderName::from_static("metadata-flavor");

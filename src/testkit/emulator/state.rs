@@ -6,6 +6,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::DecodingKey;
+use k8s_openapi::jiff::SignedDuration;
 
 use super::{Endpoint, Fault, IssuedToken, RecordedRequest};
 
@@ -48,6 +49,8 @@ pub(super) struct State {
     /// Only lifetimes set explicitly; see [`State::lifetime`].
     pub(super) lifetimes: HashMap<Endpoint, Duration>,
     pub(super) latencies: HashMap<Endpoint, Duration>,
+    /// How far the emulator's clock is off the real one.
+    pub(super) clock_offset: SignedDuration,
     pub(super) faults: HashMap<Endpoint, VecDeque<Fault>>,
     pub(super) providers: HashSet<String>,
     /// Service account email → principals allowed to impersonate it.
@@ -75,6 +78,22 @@ impl State {
         let latency = self.latencies.get(&endpoint).copied().unwrap_or_default();
         let fault = self.faults.get_mut(&endpoint).and_then(VecDeque::pop_front);
         (latency, fault)
+    }
+
+    /// Now, by the emulator's clock.
+    pub(super) fn now(&self) -> SystemTime {
+        self.on_clock(SystemTime::now())
+    }
+
+    /// The real time `t` as the emulator's clock reads it.
+    pub(super) fn on_clock(&self, t: SystemTime) -> SystemTime {
+        let magnitude = self.clock_offset.unsigned_abs();
+        let shifted = if self.clock_offset.is_negative() {
+            t.checked_sub(magnitude)
+        } else {
+            t.checked_add(magnitude)
+        };
+        shifted.unwrap_or(t)
     }
 
     /// The lifetime of tokens `endpoint` issues.
