@@ -1,8 +1,17 @@
 //! The committed CRD YAML is what the Rust types generate, and the schema carries the constraints
-//! the API server can enforce.
+//! the API server can enforce: among them a size bound on every string, list and map, which the
+//! test control plane's API server is shown to apply.
 
-use gcp_token_operator::{crd::TokenRequest, crd_yaml};
-use kube::CustomResourceExt;
+use gcp_token_operator::{
+    crd::{TokenRequest, bound},
+    crd_yaml,
+    testkit::control_plane::{ControlPlane, apply_crds, create_namespace},
+};
+use kube::{
+    Api, CustomResourceExt,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
 
 const CRD_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/tokenrequests.gcptoken.dev.yaml");
 
@@ -85,4 +94,326 @@ fn the_crd_subcommand_prints_the_committed_crd() {
         String::from_utf8(output.stdout).unwrap(),
         std::fs::read_to_string(CRD_PATH).unwrap()
     );
+}
+
+/// The strings without `maxLength` (or an `enum`), lists without `maxItems` and maps without
+/// `maxProperties` under `schema`, as paths; `visited` collects the paths walked.
+fn unbounded(schema: &Value, path: &str, found: &mut Vec<String>, visited: &mut Vec<String>) {
+    visited.push(path.to_owned());
+    let has = |key: &str| schema.get(key).is_some();
+    match schema["type"].as_str() {
+        Some("string") if !has("maxLength") && !has("enum") => found.push(format!("{path}: string without maxLength")),
+        Some("array") => {
+            if !has("maxItems") {
+                found.push(format!("{path}: list without maxItems"));
+            }
+            unbounded(&schema["items"], &format!("{path}[]"), found, visited);
+        }
+        Some("object") => {
+            if schema["x-kubernetes-preserve-unknown-fields"] == true {
+                found.push(format!("{path}: object of any fields"));
+            }
+            if let Some(values) = schema.get("additionalProperties").filter(|v| v.is_object()) {
+                if !has("maxProperties") {
+                    found.push(format!("{path}: map without maxProperties"));
+                }
+                unbounded(values, &format!("{path}{{}}"), found, visited);
+            }
+            for (name, property) in schema["properties"].as_object().into_iter().flatten() {
+                unbounded(property, &format!("{path}.{name}"), found, visited);
+            }
+        }
+        Some("string" | "integer" | "number" | "boolean") => {}
+        other => found.push(format!("{path}: schema of type {other:?}")),
+    }
+}
+
+fn unbounded_in(schema: &Value) -> (Vec<String>, Vec<String>) {
+    let (mut found, mut visited) = (Vec::new(), Vec::new());
+    unbounded(schema, "", &mut found, &mut visited);
+    (found, visited)
+}
+
+fn open_api_schema() -> Value {
+    let crd = serde_json::to_value(TokenRequest::crd()).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+#[test]
+fn every_string_list_and_map_of_the_schema_is_bounded() {
+    let (found, visited) = unbounded_in(&open_api_schema());
+    assert!(found.is_empty(), "unbounded in the CRD schema:\n{}", found.join("\n"));
+    // The walk went down to the leaves, through lists and maps.
+    for leaf in [
+        ".spec.flow.sts.accessBoundary.accessBoundaryRules[].availabilityCondition.expression",
+        ".spec.flow.sts.serviceAccountImpersonation.delegates[]",
+        ".spec.source.secret.subjectToken.serviceAccountToken.audience",
+        ".spec.secret.annotations{}",
+        ".spec.rolloutRestartTargets[].kind",
+        ".status.conditions[].message",
+    ] {
+        assert!(visited.iter().any(|p| p == leaf), "{leaf} not walked: {visited:?}");
+    }
+}
+
+#[test]
+fn the_bound_check_finds_what_is_unbounded() {
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string"},
+        "kind": {"type": "string", "enum": ["A", "B"]},
+        "list": {"type": "array", "items": {"type": "string", "maxLength": 3}},
+        "map": {"type": "object", "additionalProperties": {"type": "string"}},
+        "any": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+        "untyped": {},
+        "bounded": {"type": "array", "maxItems": 1, "items": {"type": "object", "maxProperties": 1,
+            "additionalProperties": {"type": "string", "maxLength": 1}}},
+    }});
+    let (mut found, _) = unbounded_in(&schema);
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            ".any: object of any fields",
+            ".list: list without maxItems",
+            ".map: map without maxProperties",
+            ".map{}: string without maxLength",
+            ".name: string without maxLength",
+            ".untyped: schema of type None",
+        ]
+    );
+}
+
+#[test]
+fn durations_are_bounded_by_length_and_pattern() {
+    let spec = &open_api_schema()["properties"]["spec"]["properties"];
+    let flow = &spec["flow"]["properties"];
+    let durations = [
+        &spec["refresh"]["properties"]["renewBefore"],
+        &spec["refresh"]["properties"]["lifetimeWhenUnknown"],
+        &spec["rolloutRestartMinInterval"],
+        &flow["impersonation"]["properties"]["lifetime"],
+        &flow["sts"]["properties"]["serviceAccountImpersonation"]["properties"]["lifetime"],
+    ];
+    for duration in durations {
+        assert_eq!(duration["maxLength"], bound::DURATION, "{duration}");
+        assert_eq!(
+            duration["pattern"],
+            gcp_token_operator::crd::duration_pattern(),
+            "{duration}"
+        );
+    }
+    // Key lengths, which a structural schema cannot bound, in a CEL rule (for clusters with CEL).
+    for map in ["labels", "annotations"] {
+        let rule = &spec["secret"]["properties"][map]["x-kubernetes-validations"][0]["rule"];
+        assert_eq!(rule, &format!("self.all(k, k.size() <= {})", bound::METADATA_KEY));
+    }
+}
+
+/// A valid spec, to which each case adds one value.
+fn base_spec() -> Value {
+    json!({
+        "flow": {"impersonation": {
+            "serviceAccount": "target@project.iam.gserviceaccount.com",
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+        }},
+        "source": {"tokenRequest": {"name": "upstream"}},
+    })
+}
+
+fn merged(mut base: Value, patch: &Value) -> Value {
+    match (base.as_object_mut(), patch.as_object()) {
+        (Some(fields), Some(patch)) => {
+            for (key, value) in patch {
+                let merged_value = merged(fields.remove(key).unwrap_or(Value::Null), value);
+                fields.insert(key.clone(), merged_value);
+            }
+            base
+        }
+        _ => patch.clone(),
+    }
+}
+
+fn token_request(name: &str, spec: Value) -> TokenRequest {
+    serde_json::from_value(json!({
+        "apiVersion": "gcptoken.dev/v1alpha1",
+        "kind": "TokenRequest",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn strings(count: u32, length: u32) -> Vec<String> {
+    (0..count)
+        .map(|i| format!("{i:0>width$}", width = length as usize))
+        .collect()
+}
+
+fn entries(count: u32, value_length: u32) -> Value {
+    (0..count)
+        .map(|i| (format!("example.com/key-{i}"), json!("v".repeat(value_length as usize))))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+#[tokio::test]
+async fn the_api_server_refuses_oversized_values_and_accepts_values_at_the_bounds() {
+    let client = ControlPlane::shared().client().await;
+    apply_crds(&client, &[TokenRequest::crd()]).await.unwrap();
+    let namespace = create_namespace(&client, "bounds").await.unwrap();
+    let api: Api<TokenRequest> = Api::namespaced(client, &namespace);
+    // Server-side dry runs: admitted or refused as a create would be, nothing stored.
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let long = |n: u32| "a".repeat(n as usize);
+    let refused = [
+        (
+            json!({"flow": {"impersonation": {"scopes": strings(64, 8)}}}),
+            ("spec.flow.impersonation.scopes", "at most 32 items"),
+        ),
+        (
+            json!({"flow": {"impersonation": {"scopes": [long(bound::SCOPE + 1)]}}}),
+            ("spec.flow.impersonation.scopes", "at most 256 chars"),
+        ),
+        (
+            json!({"flow": {"impersonation": {"delegates": strings(bound::DELEGATES + 1, 20)}}}),
+            ("spec.flow.impersonation.delegates", "at most 10 items"),
+        ),
+        (
+            json!({"flow": {"impersonation": {"serviceAccount": format!("{}@p.iam.gserviceaccount.com", long(240))}}}),
+            ("spec.flow.impersonation.serviceAccount", "at most 254 chars"),
+        ),
+        (
+            json!({"secret": {"name": long(300)}}),
+            ("spec.secret.name", "at most 253 chars"),
+        ),
+        (
+            json!({"source": {"tokenRequest": {"name": long(300)}}}),
+            ("spec.source.tokenRequest.name", "at most 253 chars"),
+        ),
+        (
+            json!({"secret": {"labels": entries(bound::METADATA_ENTRIES + 1, 1)}}),
+            ("spec.secret.labels", "at most 32 properties"),
+        ),
+        (
+            json!({"secret": {"labels": entries(1, bound::LABEL_VALUE + 1)}}),
+            ("spec.secret.labels.example.com/key-0", "at most 63 chars"),
+        ),
+        (
+            json!({"secret": {"annotations": entries(1, bound::ANNOTATION_VALUE + 1)}}),
+            ("spec.secret.annotations.example.com/key-0", "at most 2048 chars"),
+        ),
+        (
+            json!({"secret": {"type": "kubernetes.io/dockerconfigjson", "registries": strings(bound::REGISTRIES + 1, 4)}}),
+            ("spec.secret.registries", "at most 64 items"),
+        ),
+        (
+            json!({"rolloutRestartTargets": (0..21).map(|i| json!({"kind": "Deployment", "name": format!("d{i}")})).collect::<Vec<_>>()}),
+            ("spec.rolloutRestartTargets", "at most 20 items"),
+        ),
+        // The review's overflowing duration, more digits than a duration may have, units beyond
+        // days, and more than 32 characters.
+        (
+            json!({"refresh": {"renewBefore": "18446744073709551615s"}}),
+            ("spec.refresh.renewBefore", "should match"),
+        ),
+        (
+            json!({"refresh": {"lifetimeWhenUnknown": "100000h"}}),
+            ("spec.refresh.lifetimeWhenUnknown", "should match"),
+        ),
+        (
+            json!({"flow": {"impersonation": {"lifetime": "1y"}}}),
+            ("spec.flow.impersonation.lifetime", "should match"),
+        ),
+        (
+            json!({"rolloutRestartMinInterval": "1h".repeat(17)}),
+            ("spec.rolloutRestartMinInterval", "at most 32 chars"),
+        ),
+    ];
+    for (i, (patch, (path, expected))) in refused.iter().enumerate() {
+        let object = token_request(&format!("refused-{i}"), merged(base_spec(), patch));
+        match api.create(&dry_run, &object).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{patch}: {status:?}");
+                let message = &status.message;
+                assert!(
+                    message.contains(&format!("{path}: ")) && message.contains(expected),
+                    "{patch}: {message}"
+                );
+            }
+            other => panic!("{patch} was not refused: {other:?}"),
+        }
+    }
+
+    // At every bound at once: still one object the API server stores.
+    let at_the_bounds = json!({
+        "flow": {"impersonation": {
+            "serviceAccount": format!("{}@p.iam.gserviceaccount.com", long(bound::SERVICE_ACCOUNT - 26)),
+            "delegates": strings(bound::DELEGATES, bound::SERVICE_ACCOUNT),
+            "scopes": strings(bound::SCOPES, bound::SCOPE),
+            "lifetime": "99999s99999s99999s99999s99999s",
+        }},
+        "secret": {
+            "name": long(bound::OBJECT_NAME),
+            "labels": entries(bound::METADATA_ENTRIES, bound::LABEL_VALUE),
+            "annotations": entries(bound::METADATA_ENTRIES, bound::ANNOTATION_VALUE),
+            "tokenKey": long(bound::SECRET_KEY),
+        },
+        "refresh": {"renewBefore": "1h 30m", "lifetimeWhenUnknown": "15min"},
+        "rolloutRestartTargets": (0..bound::ROLLOUT_RESTART_TARGETS)
+            .map(|i| json!({"kind": "StatefulSet", "name": format!("{i:a>253}")}))
+            .collect::<Vec<_>>(),
+        "rolloutRestartMinInterval": "1d",
+    });
+    let object = token_request("at-the-bounds", merged(base_spec(), &at_the_bounds));
+    api.create(&dry_run, &object)
+        .await
+        .unwrap_or_else(|e| panic!("the largest valid object was refused: {e}"));
+    // The durations of the README and the examples.
+    for (i, duration) in [
+        "90s", "10m", "1h", "1h30m", "15min", "1h 30m", "1500ms", "2 hours", "45s",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let spec = merged(base_spec(), &json!({"refresh": {"renewBefore": duration}}));
+        api.create(&dry_run, &token_request(&format!("duration-{i}"), spec))
+            .await
+            .unwrap_or_else(|e| panic!("{duration} was refused: {e}"));
+    }
+
+    // The status, which the operator writes, is bounded too.
+    api.create(&PostParams::default(), &token_request("status", base_spec()))
+        .await
+        .unwrap();
+    let condition = |message: String| {
+        json!({"type": "Ready", "status": "False", "reason": "InvalidSpec", "message": message,
+            "lastTransitionTime": "2026-12-01T10:00:00Z"})
+    };
+    let patch_status = |status: Value| {
+        let api = api.clone();
+        async move {
+            let params = PatchParams {
+                dry_run: true,
+                ..PatchParams::default()
+            };
+            api.patch_status("status", &params, &Patch::Merge(json!({"status": status})))
+                .await
+        }
+    };
+    patch_status(json!({"conditions": [condition(long(bound::CONDITION_MESSAGE))]}))
+        .await
+        .unwrap_or_else(|e| panic!("a message at the bound was refused: {e}"));
+    match patch_status(json!({"conditions": [condition(long(bound::CONDITION_MESSAGE + 1))]})).await {
+        // Kubernetes 1.20 names list items without their index.
+        Err(kube::Error::Api(status)) => assert!(
+            status.message.contains("status.conditions.message") && status.message.contains("at most 32768 chars"),
+            "{}",
+            status.message.replace(&long(100), "...")
+        ),
+        Ok(_) => panic!("an oversized status message was accepted"),
+        Err(other) => panic!("{other}"),
+    }
 }
