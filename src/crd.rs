@@ -41,7 +41,8 @@ pub mod bound {
     pub const ACCESS_BOUNDARY_RULES: u32 = 10;
     /// A Cloud Storage bucket's full resource name: a 44-character prefix and up to 222.
     pub const AVAILABLE_RESOURCE: u32 = 512;
-    pub const AVAILABLE_PERMISSIONS: u32 = 32;
+    /// More than the predefined Cloud Storage roles (buckets are what a boundary names).
+    pub const AVAILABLE_PERMISSIONS: u32 = 16;
     /// `inRole:` and a role name, custom roles included (about 120).
     pub const AVAILABLE_PERMISSION: u32 = 256;
     /// Google's limit on an availability condition.
@@ -73,7 +74,7 @@ pub mod bound {
     pub const STATUS_SCOPES: u32 = 128;
     pub const STATUS_SCOPE: u32 = 512;
     /// Conditions in the status (the operator writes one, `Ready`).
-    pub const CONDITIONS: u32 = 8;
+    pub const CONDITIONS: u32 = 4;
     /// Kubernetes' own bounds for `metav1.Condition`.
     pub const CONDITION_TYPE: u32 = 316;
     pub const CONDITION_STATUS: u32 = 16;

@@ -2,15 +2,22 @@
 //! the API server can enforce: among them a size bound on every string, list and map, which the
 //! test control plane's API server is shown to apply.
 
+use std::time::{Duration, Instant};
+
 use gcp_token_operator::{
     crd::{TokenRequest, bound},
     crd_yaml,
-    testkit::control_plane::{ControlPlane, apply_crds, create_namespace},
+    testkit::control_plane::{ControlPlane, apply_crds, create_namespace, create_service_account},
+};
+use k8s_openapi::api::{
+    core::v1::{ResourceQuota, Secret},
+    rbac::v1::{Role, RoleBinding, Subject},
 };
 use kube::{
     Api, CustomResourceExt,
-    api::{Patch, PatchParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 const CRD_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/tokenrequests.gcptoken.dev.yaml");
@@ -154,6 +161,43 @@ fn every_string_list_and_map_of_the_schema_is_bounded() {
     ] {
         assert!(visited.iter().any(|p| p == leaf), "{leaf} not walked: {visited:?}");
     }
+}
+
+/// The most characters of JSON a value of `schema` can take, given its bounds: every field and every
+/// member of a one-of group at once, so an upper bound.
+fn largest_json(schema: &Value) -> u64 {
+    let bound = |key: &str| schema[key].as_u64().unwrap_or_else(|| panic!("no {key} in {schema}"));
+    match schema["type"].as_str() {
+        Some("string") => match schema["enum"].as_array() {
+            Some(values) => values.iter().filter_map(Value::as_str).map(str::len).max().unwrap_or(0) as u64 + 2,
+            None => bound("maxLength") + 2,
+        },
+        Some("array") => 2 + bound("maxItems") * (largest_json(&schema["items"]) + 1),
+        Some("object") => {
+            let properties = schema["properties"].as_object().into_iter().flatten();
+            let fields: u64 = properties
+                .map(|(name, property)| name.len() as u64 + 4 + largest_json(property))
+                .sum();
+            let entries = match schema.get("additionalProperties").filter(|v| v.is_object()) {
+                Some(values) => bound("maxProperties") * (u64::from(bound::METADATA_KEY) + 4 + largest_json(values)),
+                None => 0,
+            };
+            2 + fields + entries
+        }
+        // An int64 or a boolean.
+        _ => 20,
+    }
+}
+
+#[test]
+fn the_largest_spec_and_status_the_schema_admits_stay_under_224_kib() {
+    let schema = open_api_schema();
+    let spec = largest_json(&schema["properties"]["spec"]);
+    let status = largest_json(&schema["properties"]["status"]);
+    // About 209 and 199 KiB today, as the README says: a new field that grows them is a visible
+    // change here.
+    assert!(spec < 224 * 1024, "the largest spec is {spec} characters");
+    assert!(status < 224 * 1024, "the largest status is {status} characters");
 }
 
 #[test]
@@ -415,5 +459,114 @@ async fn the_api_server_refuses_oversized_values_and_accepts_values_at_the_bound
         ),
         Ok(_) => panic!("an oversized status message was accepted"),
         Err(other) => panic!("{other}"),
+    }
+}
+
+/// The object of `kind` among the README's YAML examples, moved to `namespace`.
+fn readme_example<K: DeserializeOwned>(kind: &str, namespace: &str) -> K {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let marker = format!("\nkind: {kind}\n");
+    let mut found = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .filter(|block| format!("\n{block}").contains(&marker))
+        .flat_map(|block| serde_saphyr::from_multiple::<Value>(block).unwrap())
+        .filter(|object| object["kind"] == kind);
+    let mut object = found.next().unwrap_or_else(|| panic!("no {kind} in the README"));
+    assert!(found.next().is_none(), "two {kind}s in the README");
+    object["metadata"]["namespace"] = json!(namespace);
+    serde_json::from_value(object).unwrap()
+}
+
+#[tokio::test]
+async fn the_readmes_tenant_role_and_quota_do_what_it_says() {
+    let control_plane = ControlPlane::shared();
+    let client = control_plane.client().await;
+    apply_crds(&client, &[TokenRequest::crd()]).await.unwrap();
+    let namespace = create_namespace(&client, "tenant").await.unwrap();
+
+    let quota: ResourceQuota = readme_example("ResourceQuota", &namespace);
+    let limit: usize = quota.spec.as_ref().unwrap().hard.as_ref().unwrap()["count/tokenrequests.gcptoken.dev"]
+        .0
+        .parse()
+        .unwrap();
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &namespace);
+    let name = quotas
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap()
+        .metadata
+        .name
+        .unwrap();
+    // Admission enforces a quota once its status holds the usage, which kube-controller-manager's
+    // quota controller computes; the test control plane does not run that controller, so the test
+    // writes what it would for an empty namespace.
+    let resource = "count/tokenrequests.gcptoken.dev";
+    let usage = json!({"status": {"hard": {resource: limit.to_string()}, "used": {resource: "0"}}});
+    quotas
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&usage))
+        .await
+        .unwrap();
+
+    // The Role, bound to a ServiceAccount rather than the example's group.
+    create_service_account(&client, &namespace, "deployer").await.unwrap();
+    let role: Role = readme_example("Role", &namespace);
+    Api::<Role>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let mut binding: RoleBinding = readme_example("RoleBinding", &namespace);
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+    binding.subjects = Some(vec![Subject {
+        kind: "ServiceAccount".into(),
+        name: "deployer".into(),
+        namespace: Some(namespace.clone()),
+        ..Subject::default()
+    }]);
+    Api::<RoleBinding>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let tenant = control_plane
+        .client_as_service_account(&namespace, "deployer")
+        .await
+        .unwrap();
+    let token_requests: Api<TokenRequest> = Api::namespaced(tenant.clone(), &namespace);
+    // The authorizer sees a new binding a moment later.
+    let started = Instant::now();
+    while let Err(error) = token_requests
+        .create(&PostParams::default(), &token_request("by-the-tenant", base_spec()))
+        .await
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the tenant cannot create: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    match Api::<Secret>::namespaced(tenant, &namespace)
+        .list(&ListParams::default())
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+        other => panic!("the tenant's Role reads Secrets: {:?}", other.map(|l| l.items.len())),
+    }
+
+    for i in 1..limit {
+        token_requests
+            .create(&PostParams::default(), &token_request(&format!("tr-{i}"), base_spec()))
+            .await
+            .unwrap_or_else(|e| panic!("TokenRequest {} of {limit}: {e}", i + 1));
+    }
+    match token_requests
+        .create(&PostParams::default(), &token_request("one-too-many", base_spec()))
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{status:?}");
+            assert!(status.message.contains("exceeded quota"), "{}", status.message);
+        }
+        other => panic!("TokenRequest {} of {limit} was not refused: {other:?}", limit + 1),
     }
 }
