@@ -22,7 +22,10 @@ pub mod bound {
     pub const SECRET_KEY: u32 = 253;
     /// A label or annotation key: a DNS subdomain prefix, `/`, and a name of at most 63.
     pub const METADATA_KEY: u32 = 253 + 1 + 63;
+    /// Kubernetes' limit for a label value.
     pub const LABEL_VALUE: u32 = 63;
+    /// 32 such annotations with their keys stay under a third of the 256 KiB Kubernetes allows for
+    /// all of an object's annotations.
     pub const ANNOTATION_VALUE: u32 = 2048;
     /// Labels, and annotations, per Secret.
     pub const METADATA_ENTRIES: u32 = 32;
@@ -34,7 +37,9 @@ pub mod bound {
     pub const PROJECT: u32 = 32;
     /// A Google service account email (RFC 5321's 254 for an address) or unique id.
     pub const SERVICE_ACCOUNT: u32 = 254;
+    /// Hops of an IAM delegation chain (real ones have one or two).
     pub const DELEGATES: u32 = 10;
+    /// Scopes a token asks for: a few are enough; Google's scope URLs are under 100 characters.
     pub const SCOPES: u32 = 32;
     pub const SCOPE: u32 = 256;
     /// Google's limit on access boundary rules.
@@ -47,6 +52,7 @@ pub mod bound {
     pub const AVAILABLE_PERMISSION: u32 = 256;
     /// Google's limit on an availability condition.
     pub const CEL_EXPRESSION: u32 = 2048;
+    /// Text for people, in a boundary whose whole size Google limits.
     pub const CONDITION_TITLE: u32 = 128;
     pub const CONDITION_DESCRIPTION: u32 = 512;
     /// A Google resource name of three IDs (each at most 128, as validation checks).
@@ -58,6 +64,7 @@ pub mod bound {
     pub const REGISTRIES: u32 = 64;
     /// A host name and a port.
     pub const REGISTRY: u32 = 253 + 1 + 5;
+    /// Workloads restarted for one token: each restart is a patch.
     pub const ROLLOUT_RESTART_TARGETS: u32 = 20;
     /// A duration such as `1h30m`; see [`super::duration_pattern`].
     pub const DURATION: u32 = 32;
