@@ -9,8 +9,152 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, transform::Transform};
 use serde::{Deserialize, Serialize};
+
+/// The size bounds of the schema. Every string, list and map has one, so that a TokenRequest stays
+/// small (the operator caches all of them) and CEL cost estimates stay finite; the README's
+/// TokenRequest reference gives the reason for each.
+pub mod bound {
+    /// A Kubernetes object name (DNS subdomain): Secrets, ServiceAccounts, TokenRequests, workloads.
+    pub const OBJECT_NAME: u32 = 253;
+    /// A Secret data key.
+    pub const SECRET_KEY: u32 = 253;
+    /// A label or annotation key: a DNS subdomain prefix, `/`, and a name of at most 63.
+    pub const METADATA_KEY: u32 = 253 + 1 + 63;
+    /// Kubernetes' limit for a label value.
+    pub const LABEL_VALUE: u32 = 63;
+    /// 32 such annotations with their keys stay under a third of the 256 KiB Kubernetes allows for
+    /// all of an object's annotations.
+    pub const ANNOTATION_VALUE: u32 = 2048;
+    /// Labels, and annotations, per Secret.
+    pub const METADATA_ENTRIES: u32 = 32;
+    /// A workload or workforce identity pool provider's full resource name (about 165 at most).
+    pub const STS_AUDIENCE: u32 = 256;
+    /// A Kubernetes ServiceAccount token audience: a URL or URN.
+    pub const TOKEN_AUDIENCE: u32 = 512;
+    /// A Google Cloud project ID (6 to 30 characters).
+    pub const PROJECT: u32 = 32;
+    /// A Google service account email (RFC 5321's 254 for an address) or unique id.
+    pub const SERVICE_ACCOUNT: u32 = 254;
+    /// Hops of an IAM delegation chain (real ones have one or two).
+    pub const DELEGATES: u32 = 10;
+    /// Scopes a token asks for: a few are enough; Google's scope URLs are under 100 characters.
+    pub const SCOPES: u32 = 32;
+    pub const SCOPE: u32 = 256;
+    /// Google's limit on access boundary rules.
+    pub const ACCESS_BOUNDARY_RULES: u32 = 10;
+    /// A Cloud Storage bucket's full resource name: a 44-character prefix and up to 222.
+    pub const AVAILABLE_RESOURCE: u32 = 512;
+    /// More than the predefined Cloud Storage roles (buckets are what a boundary names).
+    pub const AVAILABLE_PERMISSIONS: u32 = 16;
+    /// `inRole:` and a role name, custom roles included (about 120).
+    pub const AVAILABLE_PERMISSION: u32 = 256;
+    /// Google's limit on an availability condition.
+    pub const CEL_EXPRESSION: u32 = 2048;
+    /// Text for people, in a boundary whose whole size Google limits.
+    pub const CONDITION_TITLE: u32 = 128;
+    pub const CONDITION_DESCRIPTION: u32 = 512;
+    /// A Google resource name of three IDs (each at most 128, as validation checks).
+    pub const GOOGLE_RESOURCE: u32 = 512;
+    /// A tool or action name (Discovery Engine).
+    pub const ACTION: u32 = 256;
+    /// Registry hosts of a dockerconfigjson Secret: every Artifact Registry location and gcr.io
+    /// host fits.
+    pub const REGISTRIES: u32 = 64;
+    /// A host name and a port.
+    pub const REGISTRY: u32 = 253 + 1 + 5;
+    /// Workloads restarted for one token: each restart is a patch.
+    pub const ROLLOUT_RESTART_TARGETS: u32 = 20;
+    /// A duration such as `1h30m`; see [`super::duration_pattern`].
+    pub const DURATION: u32 = 32;
+    /// Digits of each number in a duration.
+    pub const DURATION_DIGITS: u32 = 5;
+    /// An RFC 3339 time, as Kubernetes writes it (20 characters, to the second).
+    pub const TIME: u32 = 32;
+    /// The flow's name in the status.
+    pub const FLOW: u32 = 32;
+    /// A fingerprint: at most a whole SHA-256 in hex (the operator writes 12 characters).
+    pub const FINGERPRINT: u32 = 64;
+    /// Scopes in the status: those Google reports (Developer Connect, Discovery Engine) may be
+    /// more than a spec names.
+    pub const STATUS_SCOPES: u32 = 128;
+    pub const STATUS_SCOPE: u32 = 512;
+    /// Conditions in the status (the operator writes one, `Ready`).
+    pub const CONDITIONS: u32 = 4;
+    /// Kubernetes' own bounds for `metav1.Condition`.
+    pub const CONDITION_TYPE: u32 = 316;
+    pub const CONDITION_STATUS: u32 = 16;
+    pub const CONDITION_REASON: u32 = 1024;
+    pub const CONDITION_MESSAGE: u32 = 32768;
+}
+
+/// humantime's units from milliseconds to days: the value bounds validation enforces (1 s to
+/// 24 h) need no others.
+pub const DURATION_UNITS: &[&str] = &[
+    "ms", "msec", "millis", "s", "sec", "secs", "second", "seconds", "m", "min", "mins", "minute", "minutes", "h",
+    "hr", "hrs", "hour", "hours", "d", "day", "days",
+];
+
+/// What a duration field admits: whole numbers of at most [`bound::DURATION_DIGITS`] digits, each
+/// with a unit, optionally space-separated (`90s`, `1h30m`, `15min`, `1h 30m`), all of which
+/// humantime parses. Within [`bound::DURATION`] characters the largest value is about 1370 years
+/// (`99999d` five times, then `9d`): no number or sum can overflow, nor leave the range of a
+/// timestamp.
+pub fn duration_pattern() -> String {
+    format!(
+        "^( ?[0-9]{{1,{}}} ?({}))+$",
+        bound::DURATION_DIGITS,
+        DURATION_UNITS.join("|")
+    )
+}
+
+/// Bounds a string map: its number of entries and the length of its values in the schema, the
+/// length of its keys in a CEL rule (structural schemas cannot bound keys otherwise).
+struct BoundedMap {
+    entries: u32,
+    key: u32,
+    value: u32,
+}
+
+impl Transform for BoundedMap {
+    fn transform(&mut self, schema: &mut Schema) {
+        schema.insert("maxProperties".into(), self.entries.into());
+        if let Some(values) = schema
+            .get_mut("additionalProperties")
+            .and_then(|v| <&mut Schema>::try_from(v).ok())
+        {
+            values.insert("maxLength".into(), self.value.into());
+        }
+        let rule = serde_json::json!([{
+            "rule": format!("self.all(k, k.size() <= {})", self.key),
+            "message": format!("keys must be at most {} characters", self.key),
+        }]);
+        schema.insert("x-kubernetes-validations".into(), rule);
+    }
+}
+
+/// Bounds the fields of `metav1.Condition` as Kubernetes does (its schema from k8s-openapi has none).
+fn bounded_conditions(schema: &mut Schema) {
+    let Some(properties) = schema
+        .get_mut("items")
+        .and_then(|items| items.get_mut("properties"))
+        .and_then(|p| p.as_object_mut())
+    else {
+        return;
+    };
+    for (field, max) in [
+        ("type", bound::CONDITION_TYPE),
+        ("status", bound::CONDITION_STATUS),
+        ("reason", bound::CONDITION_REASON),
+        ("message", bound::CONDITION_MESSAGE),
+        ("lastTransitionTime", bound::TIME),
+    ] {
+        if let Some(property) = properties.get_mut(field).and_then(|p| p.as_object_mut()) {
+            property.insert("maxLength".into(), max.into());
+        }
+    }
+}
 
 /// What users apply: a Google access token to obtain, the credential that authenticates the
 /// exchange, the Secret to write it into, and when to refresh it.
@@ -46,11 +190,12 @@ pub struct TokenRequestSpec {
     /// when the token in the Secret changes: for consumers that read it only at start, from an
     /// environment variable or a `subPath` mount, which never see an update otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 20))]
+    #[schemars(length(max = bound::ROLLOUT_RESTART_TARGETS))]
     pub rollout_restart_targets: Vec<RolloutRestartTarget>,
     /// The least time between two restarts of the targets, e.g. `30m`. Default `10m`. A token
     /// change within it restarts them when it has passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::DURATION), regex(pattern = duration_pattern()))]
     pub rollout_restart_min_interval: Option<String>,
 }
 
@@ -59,6 +204,7 @@ pub struct TokenRequestSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RolloutRestartTarget {
     pub kind: WorkloadKind,
+    #[schemars(length(max = bound::OBJECT_NAME))]
     pub name: String,
 }
 
@@ -104,10 +250,11 @@ pub struct FlowSpec {
 pub struct StsFlow {
     /// The workload (or workforce) identity pool provider, e.g.
     /// `//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/POOL/providers/PROVIDER`.
-    #[schemars(regex(pattern = r"^//iam\.googleapis\.com/"))]
+    #[schemars(length(max = bound::STS_AUDIENCE), regex(pattern = r"^//iam\.googleapis\.com/"))]
     pub audience: String,
     /// OAuth scopes of the issued token. Default: cloud-platform.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::SCOPES), inner(length(max = bound::SCOPE)))]
     pub scopes: Vec<String>,
     /// The type of the subject token. Default: `urn:ietf:params:oauth:token-type:jwt`.
     // Not an Option: a nullable enum puts `null` among the enum values, which Kubernetes 1.20
@@ -119,7 +266,7 @@ pub struct StsFlow {
     pub access_boundary: Option<AccessBoundary>,
     /// Project used for quota and billing of the exchange (`options.userProject`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = bound::PROJECT))]
     pub user_project: Option<String>,
     /// Then impersonate a Google service account with the federated token (IAM Credentials
     /// generateAccessToken), in the same TokenRequest. `scopes` are then the final token's scopes.
@@ -133,13 +280,15 @@ pub struct StsFlow {
 #[serde(rename_all = "camelCase")]
 pub struct StsImpersonation {
     /// Email or unique id of the Google service account to impersonate.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = bound::SERVICE_ACCOUNT))]
     pub service_account: String,
     /// Delegation chain, as service account emails.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::DELEGATES), inner(length(max = bound::SERVICE_ACCOUNT)))]
     pub delegates: Vec<String>,
     /// Requested lifetime, e.g. `1h` (default); at most `12h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::DURATION), regex(pattern = duration_pattern()))]
     pub lifetime: Option<String>,
 }
 
@@ -177,7 +326,7 @@ impl SubjectTokenType {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AccessBoundary {
-    #[schemars(length(min = 1, max = 10))]
+    #[schemars(length(min = 1, max = bound::ACCESS_BOUNDARY_RULES))]
     pub access_boundary_rules: Vec<AccessBoundaryRule>,
 }
 
@@ -185,9 +334,13 @@ pub struct AccessBoundary {
 #[serde(rename_all = "camelCase")]
 pub struct AccessBoundaryRule {
     /// Full resource name, e.g. `//storage.googleapis.com/projects/_/buckets/BUCKET`.
+    #[schemars(length(max = bound::AVAILABLE_RESOURCE))]
     pub available_resource: String,
     /// Role references, each `inRole:ROLE`.
-    #[schemars(length(min = 1))]
+    #[schemars(
+        length(min = 1, max = bound::AVAILABLE_PERMISSIONS),
+        inner(length(max = bound::AVAILABLE_PERMISSION))
+    )]
     pub available_permissions: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub availability_condition: Option<AvailabilityCondition>,
@@ -196,11 +349,13 @@ pub struct AccessBoundaryRule {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AvailabilityCondition {
-    #[schemars(length(max = 2048))]
+    #[schemars(length(max = bound::CEL_EXPRESSION))]
     pub expression: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::CONDITION_TITLE))]
     pub title: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::CONDITION_DESCRIPTION))]
     pub description: Option<String>,
 }
 
@@ -208,16 +363,18 @@ pub struct AvailabilityCondition {
 #[serde(rename_all = "camelCase")]
 pub struct ImpersonationFlow {
     /// Email or unique id of the Google service account to impersonate.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = bound::SERVICE_ACCOUNT))]
     pub service_account: String,
     /// Delegation chain, as service account emails.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::DELEGATES), inner(length(max = bound::SERVICE_ACCOUNT)))]
     pub delegates: Vec<String>,
     /// OAuth scopes of the issued token; at least one.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = bound::SCOPES), inner(length(max = bound::SCOPE)))]
     pub scopes: Vec<String>,
     /// Requested lifetime, e.g. `1h` (default); at most `12h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::DURATION), regex(pattern = duration_pattern()))]
     pub lifetime: Option<String>,
 }
 
@@ -225,7 +382,10 @@ pub struct ImpersonationFlow {
 #[serde(rename_all = "camelCase")]
 pub struct DeveloperConnectFlow {
     /// `projects/P/locations/L/accountConnectors/C`.
-    #[schemars(regex(pattern = r"^projects/[^/]+/locations/[^/]+/accountConnectors/[^/]+$"))]
+    #[schemars(
+        length(max = bound::GOOGLE_RESOURCE),
+        regex(pattern = r"^projects/[^/]+/locations/[^/]+/accountConnectors/[^/]+$")
+    )]
     pub account_connector: String,
 }
 
@@ -233,13 +393,18 @@ pub struct DeveloperConnectFlow {
 #[serde(rename_all = "camelCase")]
 pub struct DiscoveryEngineFlow {
     /// `projects/P/locations/L/collections/C/dataConnector`.
-    #[schemars(regex(pattern = r"^projects/[^/]+/locations/[^/]+/collections/[^/]+/dataConnector$"))]
+    #[schemars(
+        length(max = bound::GOOGLE_RESOURCE),
+        regex(pattern = r"^projects/[^/]+/locations/[^/]+/collections/[^/]+/dataConnector$")
+    )]
     pub data_connector: String,
     /// Overrides the connector's default scope.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::SCOPE))]
     pub scope: Option<String>,
     /// The tool or action the token is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::ACTION))]
     pub action: Option<String>,
 }
 
@@ -271,9 +436,11 @@ pub struct AmbientSource {}
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceAccountTokenSource {
+    #[schemars(length(max = bound::OBJECT_NAME))]
     pub service_account_name: String,
     /// Audience of the ServiceAccount token. Default: the STS audience.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::TOKEN_AUDIENCE))]
     pub audience: Option<String>,
     /// Lifetime of the ServiceAccount token. Default 3600.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -284,7 +451,9 @@ pub struct ServiceAccountTokenSource {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeySource {
+    #[schemars(length(max = bound::OBJECT_NAME))]
     pub name: String,
+    #[schemars(length(max = bound::SECRET_KEY))]
     pub key: String,
     /// What the key holds. Default `auto`: a Google credential file when it is JSON with a `type`
     /// field, else a token.
@@ -340,13 +509,16 @@ pub struct SubjectTokenSource {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
+    #[schemars(length(max = bound::OBJECT_NAME))]
     pub name: String,
+    #[schemars(length(max = bound::SECRET_KEY))]
     pub key: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenRequestSource {
+    #[schemars(length(max = bound::OBJECT_NAME))]
     pub name: String,
 }
 
@@ -355,6 +527,7 @@ pub struct TokenRequestSource {
 pub struct SecretSpec {
     /// Name of the Secret. Default: the TokenRequest's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::OBJECT_NAME))]
     pub name: Option<String>,
     /// `Opaque` (default) or `kubernetes.io/dockerconfigjson`.
     // Not an Option, for the reason given at `subjectTokenType`.
@@ -362,13 +535,17 @@ pub struct SecretSpec {
     pub type_: SecretType,
     /// dockerconfigjson only: one `auths` entry per registry host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::REGISTRIES), inner(length(max = bound::REGISTRY)))]
     pub registries: Vec<String>,
     /// Opaque only: the key holding the token. Default `token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::SECRET_KEY))]
     pub token_key: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = BoundedMap { entries: bound::METADATA_ENTRIES, key: bound::METADATA_KEY, value: bound::LABEL_VALUE })]
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = BoundedMap { entries: bound::METADATA_ENTRIES, key: bound::METADATA_KEY, value: bound::ANNOTATION_VALUE })]
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -398,9 +575,11 @@ pub struct RefreshSpec {
     pub renew_before_percentage: Option<u8>,
     /// Refresh this long before expiry, e.g. `10m`; overrides the percentage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::DURATION), regex(pattern = duration_pattern()))]
     pub renew_before: Option<String>,
     /// Lifetime assumed when the API returns no expiry. Default `15m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::DURATION), regex(pattern = duration_pattern()))]
     pub lifetime_when_unknown: Option<String>,
 }
 
@@ -408,36 +587,47 @@ pub struct RefreshSpec {
 #[serde(rename_all = "camelCase")]
 pub struct TokenRequestStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::CONDITIONS), transform = bounded_conditions)]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// The flow in use (`sts`, `impersonation`, `developerConnect`, `discoveryEngine`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::FLOW))]
     pub flow: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::OBJECT_NAME))]
     pub secret_name: Option<String>,
     /// Expiry of the token in the Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::TIME))]
     pub expiration_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::TIME))]
     pub last_refresh_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::TIME))]
     pub next_refresh_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::STATUS_SCOPES), inner(length(max = bound::STATUS_SCOPE)))]
     pub scopes: Vec<String>,
     /// First 12 hex characters of the SHA-256 of the token: tells tokens apart without revealing them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::FINGERPRINT))]
     pub token_fingerprint: Option<String>,
     /// Failed attempts since the last success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::TIME))]
     pub last_failure_time: Option<Time>,
     /// Fingerprint of the token the rollout restart targets were last restarted for (or that was
     /// current when they were first named).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::FINGERPRINT))]
     pub rollout_restart_fingerprint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::TIME))]
     pub last_rollout_restart_time: Option<Time>,
 }
 
@@ -457,5 +647,78 @@ impl TokenRequest {
             .conditions
             .iter()
             .find(|c| c.type_ == crate::status::READY)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    use super::*;
+
+    /// Milliseconds in one of humantime's units, written out independently of `DURATION_UNITS`.
+    fn millis_of(unit: &str) -> u64 {
+        match unit {
+            "ms" | "msec" | "millis" => 1,
+            "s" | "sec" | "secs" | "second" | "seconds" => 1_000,
+            "m" | "min" | "mins" | "minute" | "minutes" => 60_000,
+            "h" | "hr" | "hrs" | "hour" | "hours" => 3_600_000,
+            "d" | "day" | "days" => 86_400_000,
+            other => panic!("{other:?} is not a unit this test knows"),
+        }
+    }
+
+    /// A random string of the pattern's grammar, at most `bound::DURATION` long, and its value.
+    fn random_duration(rng: &mut fastrand::Rng) -> (String, u64) {
+        let (mut text, mut millis) = (String::new(), 0);
+        loop {
+            let space = |rng: &mut fastrand::Rng| if rng.bool() { " " } else { "" };
+            let digits = rng.u32(1..=bound::DURATION_DIGITS);
+            let number = rng.u64(..10u64.pow(digits));
+            let unit = DURATION_UNITS[rng.usize(..DURATION_UNITS.len())];
+            let part = format!(
+                "{}{number:0>width$}{}{unit}",
+                space(rng),
+                space(rng),
+                width = digits as usize
+            );
+            if text.len() + part.len() > bound::DURATION as usize {
+                return (text, millis);
+            }
+            text.push_str(&part);
+            millis += number * millis_of(unit);
+        }
+    }
+
+    #[test]
+    fn every_duration_the_pattern_admits_parses_to_its_value() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let (text, millis) = random_duration(&mut rng);
+            if text.is_empty() {
+                continue;
+            }
+            assert_eq!(
+                humantime::parse_duration(&text),
+                Ok(Duration::from_millis(millis)),
+                "{text:?}"
+            );
+        }
+        for example in ["90s", "10m", "1h", "1h30m", "15min", "1h 30m"] {
+            assert!(humantime::parse_duration(example).is_ok(), "{example}");
+        }
+    }
+
+    #[test]
+    fn the_largest_duration_fits_a_timestamp() {
+        // Five numbers of the most digits in the largest unit, and a last one in what is left.
+        let largest = format!("{}9d", "99999d".repeat(5));
+        assert_eq!(largest.len(), bound::DURATION as usize);
+        let value = humantime::parse_duration(&largest).unwrap();
+        assert_eq!(value, Duration::from_secs((5 * 99_999 + 9) * 86_400));
+        let signed = SignedDuration::try_from(value).unwrap();
+        assert!(Timestamp::now().checked_add(signed).is_ok(), "{largest}");
     }
 }

@@ -29,6 +29,7 @@ use k8s_openapi::{
         apps::v1::Deployment,
         coordination::v1::Lease,
         core::v1::{Event, Namespace, Secret},
+        networking::v1::NetworkPolicy,
         rbac::v1::ClusterRole,
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -149,6 +150,7 @@ async fn default_install_is_deploy_manifests_hardened_and_uninstalls() {
     let objects = helm::objects(&manifest);
     let mut names = helm::names(&objects);
     names.sort();
+    // No ServiceMonitor and no NetworkPolicy: both are opt-in.
     let expected = [
         "ClusterRole/gcp-token-operator",
         "ClusterRoleBinding/gcp-token-operator",
@@ -302,6 +304,19 @@ async fn wrong_values_fail_the_install() {
             json!({"rateLimits": {"google": {"perSecond": 0}}}),
             "at '/rateLimits/google/perSecond'",
         ),
+        // A peer or a selector left empty would admit everyone.
+        (
+            json!({"metrics": {"networkPolicy": {"enabled": true, "from": [{}]}}}),
+            "at '/metrics/networkPolicy/from/0'",
+        ),
+        (
+            json!({"metrics": {"networkPolicy": {"enabled": true, "from": [{"namespaceSelector": {}}]}}}),
+            "at '/metrics/networkPolicy/from/0/namespaceSelector'",
+        ),
+        (
+            json!({"metrics": {"networkPolicy": {"enabled": true, "from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}}}),
+            "additional properties 'ipBlock' not allowed",
+        ),
     ];
     for (values, expected) in cases {
         match helm::install(kubeconfig, "rejected", "rejected", &values).await {
@@ -348,7 +363,14 @@ async fn optional_objects_and_settings_render_and_install() {
             "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
                 "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "gcp-token-operator"}}}}]}},
         "priorityClassName": "system-cluster-critical",
-        "metrics": {"serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}}},
+        "metrics": {
+            "serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}},
+            "networkPolicy": {"enabled": true, "from": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},
+                {"podSelector": {"matchExpressions": [{"key": "debug", "operator": "Exists"}]}},
+            ]},
+        },
         "podDisruptionBudget": {"enabled": true, "minAvailable": 1},
         "rateLimits": {"google": {"perSecond": 40, "perEndpoint": {"sts": 10}, "burst": 5},
             "kubernetes": {"qps": 0, "burst": 50}},
@@ -447,16 +469,70 @@ async fn optional_objects_and_settings_render_and_install() {
     let monitor = helm::object(&objects, "ServiceMonitor", fullname);
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http");
+    // The operator's pods admit the HTTP port only, from the peers given and no one else.
+    let policy = helm::object(&objects, "NetworkPolicy", &format!("{fullname}-metrics"));
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([{"ports": [{"port": "http", "protocol": "TCP"}], "from": values["metrics"]["networkPolicy"]["from"]}])
+    );
     // Installed as rendered.
-    for (group, version, kind, plural) in [
-        ("policy", "v1beta1", "PodDisruptionBudget", "poddisruptionbudgets"),
-        ("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors"),
+    for (group, version, kind, plural, name) in [
+        (
+            "policy",
+            "v1beta1",
+            "PodDisruptionBudget",
+            "poddisruptionbudgets",
+            fullname.to_owned(),
+        ),
+        (
+            "monitoring.coreos.com",
+            "v1",
+            "ServiceMonitor",
+            "servicemonitors",
+            fullname.to_owned(),
+        ),
+        (
+            "networking.k8s.io",
+            "v1",
+            "NetworkPolicy",
+            "networkpolicies",
+            format!("{fullname}-metrics"),
+        ),
     ] {
         let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
         let api = Api::<DynamicObject>::namespaced_with(client.clone(), "options", &resource);
-        assert!(api.get_opt(fullname).await.unwrap().is_some(), "{kind} not installed");
+        assert!(api.get_opt(&name).await.unwrap().is_some(), "{kind} not installed");
     }
     helm::uninstall(kubeconfig, "options", "options")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn a_network_policy_without_peers_admits_no_one() {
+    let control_plane = ControlPlane::shared();
+    let kubeconfig = control_plane.kubeconfig_path();
+    let (release, name) = ("closed", "closed-gcp-token-operator-metrics");
+    let values = json!({"metrics": {"networkPolicy": {"enabled": true}}});
+    let manifest = helm::install(kubeconfig, release, release, &values)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let objects = helm::objects(&manifest);
+    let rendered = &helm::object(&objects, "NetworkPolicy", name)["spec"];
+    assert_eq!(rendered["policyTypes"], json!(["Ingress"]));
+    assert_eq!(rendered["ingress"], json!([]));
+    // As the API server stored it: ingress isolated, no rule admitting anything.
+    let policies: Api<NetworkPolicy> = Api::namespaced(control_plane.client().await, release);
+    let stored = policies.get(name).await.expect("the NetworkPolicy is installed");
+    let spec = stored.spec.unwrap();
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
+    assert!(spec.ingress.unwrap_or_default().is_empty());
+    helm::uninstall(kubeconfig, release, release)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }
