@@ -275,6 +275,26 @@ mod tests {
     }
 
     #[test]
+    fn absurd_durations_saturate_instead_of_panicking() {
+        let policy = RefreshPolicy {
+            renew_before: RenewBefore::Absolute(Duration::MAX),
+            lifetime_when_unknown: Duration::MAX,
+        };
+        // The panic that took the operator down for every tenant: now a tenth of the lifetime.
+        assert_eq!(refresh_point(ts(0), ts(3600), &policy, "k"), ts(360));
+        assert_eq!(assumed_expiry(ts(0), &policy), Timestamp::MAX);
+        // A Retry-After too large for any clock waits the longest backoff, never "now".
+        let delay = retry_delay(1, ErrorClass::Transient, Some(Duration::MAX), ts(0), None, 0.5);
+        assert_eq!(delay, MAX_RETRY_AFTER);
+        assert!(later(ts(0), delay) >= ts(1800));
+        assert_eq!(delay_until(ts(0), Timestamp::MAX), MAX_DELAY);
+        assert_eq!(
+            retry_delay(1, ErrorClass::Transient, None, ts(0), None, f64::NAN),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
     fn retry_times_round_up() {
         let at: Timestamp = "2026-01-01T00:00:04.1Z".parse().unwrap();
         assert_eq!(next_whole_second(at), "2026-01-01T00:00:05Z".parse().unwrap());

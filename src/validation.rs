@@ -803,22 +803,10 @@ fn parse_duration(text: &str, at: &str, (min, max): (Duration, Duration), p: &mu
         Err(_) => {
             p.0.push(format!(
                 "{at}: {} is not a duration such as 90s, 10m or 1h",
-                quoted(text)
+                quote(text)
             ));
             None
         }
-    }
-}
-
-/// The most of a tenant's value that a message quotes: enough to recognise it, not enough to let
-/// a huge value swell the status and Events (which the apiserver then refuses).
-const MAX_QUOTED: usize = 64;
-
-/// `value` in quotes for a message, cut to `MAX_QUOTED` characters.
-pub fn quoted(value: &str) -> String {
-    match value.char_indices().nth(MAX_QUOTED) {
-        None => format!("{value:?}"),
-        Some((end, _)) => format!("{:?}…", &value[..end]),
     }
 }
 
@@ -1269,6 +1257,24 @@ mod tests {
         spec.refresh.renew_before = None;
         spec.refresh.renew_before_percentage = Some(95);
         assert!(problems(&spec)[0].contains("between 1 and 90"));
+        spec.refresh.renew_before_percentage = None;
+        // Every duration has an upper bound: the value that overflowed, and others far out.
+        for (before, unknown) in [
+            ("18446744073709551615s", "1h"),
+            ("13h", "1h"),
+            ("1h", "10000000000y"),
+            ("1h", "1s"),
+        ] {
+            spec.refresh.renew_before = Some(before.into());
+            spec.refresh.lifetime_when_unknown = Some(unknown.into());
+            let p = problems(&spec);
+            assert_eq!(p.len(), 1, "{before} {unknown}: {p:?}");
+        }
+        spec.refresh.renew_before = Some("12h".into());
+        spec.refresh.lifetime_when_unknown = Some("1m".into());
+        assert!(check(&spec).is_ok());
+        spec.rollout_restart_min_interval = Some("25h".into());
+        assert!(problems(&spec)[0].contains("spec.rolloutRestartMinInterval must be between 1s and 1day"));
     }
 
     #[test]

@@ -862,3 +862,21 @@ impl<'a> Reconciler<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_is_contained_to_its_own_reconcile() {
+        let poisoned = contain_panic(async {
+            let renew_before = std::time::Duration::MAX;
+            // The overflow that used to end the process for every tenant.
+            renew_before + std::time::Duration::from_secs(1)
+        });
+        let healthy = contain_panic(async { 42 });
+        let (poisoned, healthy) = futures::join!(poisoned, healthy);
+        assert_eq!(poisoned, Err(Panicked));
+        assert_eq!(healthy, Ok(42));
+    }
+}

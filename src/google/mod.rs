@@ -977,7 +977,58 @@ mod tests {
         .prop_map(|base| Url::parse(base).unwrap())
     }
 
+    /// Bodies as an upstream may send them: JSON of Google's shapes with absurd values, and junk.
+    fn answer_body() -> impl Strategy<Value = Vec<u8>> {
+        let number = prop_oneof![
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|n| json!(n)),
+            "\\PC{0,30}".prop_map(|s| json!(s))
+        ];
+        prop_oneof![
+            (number.clone(), "\\PC{0,40}", "\\PC{0,40}").prop_map(|(expires_in, token, scope)| {
+                json!({"access_token": token, "expires_in": expires_in, "scope": scope, "token_type": "Bearer"})
+                    .to_string()
+                    .into_bytes()
+            }),
+            (number, "\\PC{0,40}", "\\PC{0,2000}").prop_map(|(code, status, message)| {
+                json!({"error": {"code": code, "status": status, "message": message}})
+                    .to_string()
+                    .into_bytes()
+            }),
+            ("\\PC{0,40}", "\\PC{0,2000}").prop_map(|(error, description)| {
+                json!({"error": error, "error_description": description})
+                    .to_string()
+                    .into_bytes()
+            }),
+            prop::collection::vec(any::<u8>(), 0..4096),
+        ]
+    }
+
     proptest! {
+        /// Any answer, at any status, decodes to a token or a classified error; none panics, and
+        /// a failure always has a class and a reason.
+        #[test]
+        fn any_answer_is_decoded_or_classified(
+            status in 100u16..600, body in answer_body(), retry_after in "\\PC{0,20}",
+            sent in any::<i64>(), date in prop::option::of(any::<i64>()),
+        ) {
+            let status = StatusCode::from_u16(status).unwrap();
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = reqwest::header::HeaderValue::from_str(&retry_after) {
+                headers.insert(reqwest::header::RETRY_AFTER, value);
+            }
+            let error = rejection(Api::Sts, status, &headers, &body);
+            let _ = (error.class(), error.reason(), error.retry_after(), error.to_string());
+            let clock = |s: i64| Timestamp::from_second(s.clamp(Timestamp::MIN.as_second(), Timestamp::MAX.as_second())).unwrap();
+            let clocks = Clocks { sent: clock(sent), server: date.map(clock) };
+            if let Ok(answer) = serde_json::from_slice::<TokenResponse>(&body) {
+                match answer.issued(Api::Sts, &["s".to_string()], clocks) {
+                    Ok(issued) => prop_assert!(!issued.scopes.is_empty()),
+                    Err(e) => { let _ = (e.class(), e.reason()); }
+                }
+            }
+        }
+
         #[test]
         fn a_valid_service_account_is_one_segment(
             account in prop_oneof![
