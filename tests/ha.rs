@@ -391,8 +391,10 @@ async fn a_leader_whose_renewals_fail_stops_before_its_lease_lapses() {
         took - changed
     );
     assert!(took > exited, "the standby took over before the old leader stopped");
+    // The test sees the last renewal a moment after the standby does (both watch the Lease, and
+    // on two busy cores either may lag), so the bound leaves two seconds for that.
     assert!(
-        took - changed >= LEASE - Duration::from_millis(500),
+        took - changed >= LEASE - Duration::from_secs(2),
         "the standby took over {:?} after the last renewal, before the lease lapsed",
         took - changed
     );

@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{Context, FIELD_MANAGER};
 use crate::{
-    crd::{TokenRequest, TokenRequestStatus, WorkloadKind},
+    crd::{TokenRequest, TokenRequestStatus, WorkloadKind, bound},
     events::{Event, EventType},
     google::{GoogleError, IssuedToken},
     metrics::ObjectLabels,
@@ -78,6 +78,11 @@ enum Failure {
         #[source]
         source: kube::Error,
     },
+    /// A Secret of the target name appeared that is not this TokenRequest's: left untouched.
+    #[error("Secret {name:?} exists and is not owned by this TokenRequest; it is left untouched")]
+    SecretTaken { name: String },
+    #[error("Secret {name:?} was deleted while being written; it is created again")]
+    SecretGone { name: String },
     /// The Secret could not be changed in place (its type is immutable, or it was made immutable)
     /// and deleting it to create it anew failed.
     #[error("replacing Secret {name:?} failed: {source}")]
@@ -103,7 +108,8 @@ impl Failure {
                 source: kube::Error::Api(s),
                 ..
             } if s.code < 500 && s.code != 429 && s.code != 409 => ErrorClass::Permanent,
-            Self::ApplySecret { .. } | Self::ReplaceSecret { .. } => ErrorClass::Transient,
+            Self::ApplySecret { .. } | Self::ReplaceSecret { .. } | Self::SecretGone { .. } => ErrorClass::Transient,
+            Self::SecretTaken { .. } => ErrorClass::Permanent,
         }
     }
 
@@ -112,7 +118,8 @@ impl Failure {
             Self::Source(e) => e.reason(),
             Self::Google(e) => e.reason(),
             Self::Unusable(_) => Reason::UnusableToken,
-            Self::ApplySecret { .. } | Self::ReplaceSecret { .. } => Reason::ApiError,
+            Self::ApplySecret { .. } | Self::ReplaceSecret { .. } | Self::SecretGone { .. } => Reason::ApiError,
+            Self::SecretTaken { .. } => Reason::SecretConflict,
         }
     }
 
@@ -121,7 +128,11 @@ impl Failure {
         match self {
             Self::Source(e) => e.throttled(),
             Self::Google(e) => e.throttled(),
-            Self::Unusable(_) | Self::ApplySecret { .. } | Self::ReplaceSecret { .. } => None,
+            Self::Unusable(_)
+            | Self::ApplySecret { .. }
+            | Self::ReplaceSecret { .. }
+            | Self::SecretTaken { .. }
+            | Self::SecretGone { .. } => None,
         }
     }
 
@@ -129,7 +140,11 @@ impl Failure {
         match self {
             Self::Source(e) => e.retry_after(),
             Self::Google(e) => e.retry_after(),
-            Self::Unusable(_) | Self::ApplySecret { .. } | Self::ReplaceSecret { .. } => None,
+            Self::Unusable(_)
+            | Self::ApplySecret { .. }
+            | Self::ReplaceSecret { .. }
+            | Self::SecretTaken { .. }
+            | Self::SecretGone { .. } => None,
         }
     }
 }
@@ -275,29 +290,41 @@ impl<'a> Reconciler<'a> {
 
     async fn existing_secret(&self, name: &str) -> Result<Existing, Error> {
         let uid = self.tr.uid().unwrap_or_default();
-        let classify = |s: Arc<Secret>| {
-            if render::is_controlled_by(&s, &uid) {
-                Existing::Owned(s)
-            } else {
-                Existing::Foreign
-            }
-        };
         if let Some(cached) = self.ctx.secrets.get(&ObjectRef::new(name).within(&self.namespace))
             && !(render::is_trimmed(&cached) && render::is_controlled_by(&cached, &uid))
         {
-            return Ok(classify(cached));
+            return Ok(self.classify(cached));
         }
-        // Not in the cache of labelled Secrets (absent, stripped of its label, or someone else's),
-        // or cached without its contents because it grew too large: read it live.
+        // Not in the cache of labelled Secrets. Where this TokenRequest never held a token in it
+        // nor met someone else's there, it is taken to be absent: the create that follows fails if
+        // it is not, and the Secret is judged then (which saves a read per new TokenRequest).
+        let known = self.status.secret_name.as_deref() == Some(name)
+            || self.tr.ready_condition().is_some_and(|c| c.reason == Reason::SecretConflict.as_str());
+        if !known {
+            return Ok(Existing::Missing);
+        }
+        // Absent, stripped of its label, someone else's, or cached without its contents because
+        // it grew too large: read it live.
+        self.read_secret(name).await.map_err(|source| Error::ReadSecret {
+            name: name.into(),
+            source,
+        })
+    }
+
+    fn classify(&self, secret: Arc<Secret>) -> Existing {
+        if render::is_controlled_by(&secret, &self.tr.uid().unwrap_or_default()) {
+            Existing::Owned(secret)
+        } else {
+            Existing::Foreign
+        }
+    }
+
+    async fn read_secret(&self, name: &str) -> Result<Existing, kube::Error> {
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
-        match api.get_opt(name).await {
-            Ok(Some(secret)) => Ok(classify(Arc::new(secret))),
-            Ok(None) => Ok(Existing::Missing),
-            Err(source) => Err(Error::ReadSecret {
-                name: name.into(),
-                source,
-            }),
-        }
+        Ok(match api.get_opt(name).await? {
+            Some(secret) => self.classify(Arc::new(secret)),
+            None => Existing::Missing,
+        })
     }
 
     /// The held token is good until `refresh_at`: repair Secret drift without minting.
@@ -394,11 +421,18 @@ impl<'a> Reconciler<'a> {
             .or(inherited)
             .map(refresh::whole_second)
             .unwrap_or_else(|| refresh::assumed_expiry(issued_at, &spec.refresh));
+        // The status holds the granted scopes: Google's list is cut to what the status schema takes.
+        let scopes = issued
+            .scopes
+            .into_iter()
+            .filter(|s| s.len() <= bound::STATUS_SCOPE as usize)
+            .take(bound::STATUS_SCOPES as usize)
+            .collect();
         let record = TokenRecord {
             token: issued.token,
             issued_at,
             expires_at,
-            scopes: issued.scopes,
+            scopes,
         };
         render::check_issued(&record, Timestamp::now(), spec.flow.max_lifetime())?;
         Ok(record)
@@ -436,6 +470,22 @@ impl<'a> Reconciler<'a> {
             name: name.clone(),
             source,
         };
+        // A create that finds the name taken: judge the Secret that is there, once.
+        let taken;
+        let existing = match existing {
+            Existing::Missing => match self.create_secret(&desired).await {
+                Ok(uid) => {
+                    desired.metadata.uid = uid;
+                    return self.apply(name, &desired).await.map_err(failed);
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    taken = self.read_secret(name).await.map_err(failed)?;
+                    &taken
+                }
+                Err(e) => return Err(failed(e)),
+            },
+            other => other,
+        };
         let uid = match existing {
             Existing::Owned(current) if render::secret_is_current(current, &desired) => return Ok(()),
             Existing::Owned(current) if render::needs_replacing(current, &desired) => {
@@ -449,15 +499,20 @@ impl<'a> Reconciler<'a> {
                 self.create_secret(&desired).await.map_err(failed)?
             }
             Existing::Owned(current) => current.uid(),
-            Existing::Missing | Existing::Foreign => self.create_secret(&desired).await.map_err(failed)?,
+            // Deleted between the create and the read: the next reconcile creates it.
+            Existing::Missing => return Err(Failure::SecretGone { name: name.clone() }),
+            Existing::Foreign => return Err(Failure::SecretTaken { name: name.clone() }),
         };
         desired.metadata.uid = uid;
+        self.apply(name, &desired).await.map_err(failed)
+    }
+
+    async fn apply(&self, name: &str, desired: &Secret) -> Result<(), kube::Error> {
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        api.patch(name, &params, &Patch::Apply(&desired))
-            .await
-            .map(|_| debug!(namespace = %self.namespace, secret = %name, "Secret applied"))
-            .map_err(failed)
+        api.patch(name, &params, &Patch::Apply(desired)).await?;
+        debug!(namespace = %self.namespace, secret = %name, "Secret applied");
+        Ok(())
     }
 
     /// Creates the Secret `desired` describes with only its name, type, owner and the watched
