@@ -7,6 +7,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod credentials;
+pub mod fairness;
 pub mod google;
 pub mod http;
 pub mod leader;
