@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use url::Url;
 
 use crate::{
+    fairness::FairnessLimits,
     google::Endpoints,
     ratelimit::{GoogleLimits, Rate, RateSetting},
     source::Ambient,
@@ -61,6 +62,14 @@ pub struct RunArgs {
     /// Kubernetes API requests allowed at once above `--kube-qps`.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_KUBE_BURST", default_value_t = NonZeroU32::new(200).expect("not 0"))]
     pub kube_burst: NonZeroU32,
+    /// Mints one namespace may start per second (burst: one second's worth); 0 turns the
+    /// per-namespace rate off.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_NAMESPACE_RATE_LIMIT", default_value_t = 100)]
+    pub namespace_rate_limit: u32,
+    /// Mints one namespace may have in flight while no other namespace mints (fewer while others
+    /// do); 0 turns the cap off. Default: half of `--concurrency`.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_NAMESPACE_MAX_IN_FLIGHT")]
+    pub namespace_max_in_flight: Option<u32>,
     /// Refreshes found overdue when the operator starts or takes over (e.g. after downtime) are
     /// spread over this window, never later than halfway to the token's expiry.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_REFRESH_SPREAD", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -167,6 +176,20 @@ impl RunArgs {
         })
     }
 
+    /// Per-namespace fairness; `controllers` is how many controllers share the slots' budget.
+    pub fn fairness_limits(&self, controllers: usize) -> FairnessLimits {
+        let half = (u32::from(self.concurrency) / 2).max(1);
+        let max_in_flight = self.namespace_max_in_flight.unwrap_or(half);
+        FairnessLimits {
+            rate: NonZeroU32::new(self.namespace_rate_limit).map(|per_second| Rate {
+                per_second,
+                burst: per_second,
+            }),
+            max_in_flight: NonZeroU32::new(max_in_flight),
+            slots: u32::from(self.concurrency).saturating_mul(u32::try_from(controllers).unwrap_or(u32::MAX)),
+        }
+    }
+
     pub fn policy(&self) -> Policy {
         Policy {
             ambient_namespaces: self.ambient_namespaces.iter().cloned().collect(),
@@ -229,6 +252,27 @@ mod tests {
             Some((100, 200))
         );
         assert_eq!(defaults.refresh_spread, Duration::from_secs(30));
+        let fair = defaults.fairness_limits(1);
+        assert_eq!(fair.rate.map(|r| (r.per_second.get(), r.burst.get())), Some((100, 100)));
+        assert_eq!(fair.max_in_flight.map(NonZeroU32::get), Some(8), "half the concurrency");
+        assert_eq!(fair.slots, 16);
+        assert_eq!(
+            defaults.fairness_limits(3).slots,
+            48,
+            "one controller per watched namespace"
+        );
+        let off = Cli::parse_from([
+            "gcp-token-operator",
+            "--namespace-rate-limit",
+            "0",
+            "--namespace-max-in-flight",
+            "0",
+        ])
+        .run
+        .fairness_limits(1);
+        assert_eq!((off.rate, off.max_in_flight), (None, None));
+        let one = Cli::parse_from(["gcp-token-operator", "--concurrency", "1"]).run;
+        assert_eq!(one.fairness_limits(1).max_in_flight.map(NonZeroU32::get), Some(1));
         let policy = cli.run.policy();
         assert_eq!(
             policy.ambient_namespaces.iter().collect::<Vec<_>>(),

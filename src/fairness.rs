@@ -65,8 +65,8 @@ pub struct Refused {
     pub retry_in: Duration,
 }
 
-/// The admission of mints, per namespace. Cloning shares it.
-#[derive(Clone)]
+/// The admission of mints, per namespace. Cloning shares it; the default admits everything.
+#[derive(Clone, Default)]
 pub struct Fairness {
     /// `None`: both limits off.
     inner: Option<Arc<Inner>>,
@@ -123,11 +123,6 @@ impl Fairness {
                 })
             }),
         }
-    }
-
-    /// Admits everything.
-    pub fn off() -> Self {
-        Self { inner: None }
     }
 
     /// Leave for `namespace` to start a mint now, or how long to wait for it.
@@ -345,7 +340,11 @@ mod tests {
         let b: Vec<Permit> = (0..5).map(|_| fairness.admit("b").unwrap()).collect();
         assert_eq!(refusal(fairness.admit("b")).limit, Limit::InFlight, "16 / 3 each");
         drop(storm.pop());
-        assert_eq!(refusal(fairness.admit("a")).limit, Limit::InFlight, "a is above its share now");
+        assert_eq!(
+            refusal(fairness.admit("a")).limit,
+            Limit::InFlight,
+            "a is above its share now"
+        );
         let c = fairness.admit("c").unwrap();
         drop((b, c, storm));
         // b's bucket was never drawn on by a's storm: of its burst of 20 it used only its own 5.
@@ -398,7 +397,7 @@ mod tests {
         let permits: Vec<Permit> = (0..10_000).map(|_| fairness.admit("a").unwrap()).collect();
         assert_eq!(permits.len(), 10_000);
         assert_eq!(fairness.tracked(), 0);
-        assert!(Fairness::off().admit("a").is_ok());
+        assert!(Fairness::default().admit("a").is_ok());
     }
 
     #[test]
@@ -423,9 +422,6 @@ mod tests {
         assert!(next_arrival(None, now, rate(u32::MAX, u32::MAX)).is_ok());
         assert!(next_arrival(None, now, rate(1, u32::MAX)).is_ok());
         let far = now + Duration::from_secs(3600);
-        assert_eq!(
-            next_arrival(Some(far), now, rate(1, 1)),
-            Err(Duration::from_secs(3600))
-        );
+        assert_eq!(next_arrival(Some(far), now, rate(1, 1)), Err(Duration::from_secs(3600)));
     }
 }

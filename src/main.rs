@@ -65,6 +65,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         grace: args.lease_grace,
     });
     let settings = Settings {
+        // One controller per watched namespace, or one for all.
+        fairness: args.fairness_limits(args.namespaces.len().max(1)),
         policy: args.policy(),
         ambient: args.ambient(),
         namespaces: args.namespaces,

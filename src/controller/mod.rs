@@ -31,6 +31,7 @@ use tracing::{info, warn};
 pub use self::reconcile::{Error, reconcile};
 use crate::{
     crd::TokenRequest,
+    fairness::{Fairness, FairnessLimits},
     google::{GoogleClient, GoogleError, IssuedToken},
     metrics::{Metrics, ObjectLabels},
     refresh,
@@ -107,6 +108,8 @@ pub struct Exchanges {
     pub kept: KeptCredentials,
     /// Flow calls in flight.
     pub flows: SingleFlight<IssuedToken, GoogleError>,
+    /// Admission of mints per namespace, in front of these calls and the writes that follow.
+    pub fairness: Fairness,
 }
 
 pub struct Settings {
@@ -119,6 +122,7 @@ pub struct Settings {
     pub instance: String,
     pub policy: Policy,
     pub ambient: Ambient,
+    pub fairness: FairnessLimits,
 }
 
 /// Fails early, with a hint, when the CRD is not installed.
@@ -148,7 +152,10 @@ pub async fn run(
         pending: AtomicUsize::new(2 * scopes.len()),
         ready,
     });
-    let exchanges = Exchanges::default();
+    let exchanges = Exchanges {
+        fairness: Fairness::new(settings.fairness),
+        ..Exchanges::default()
+    };
     let controllers = scopes.iter().map(|namespace| {
         controller_for(
             &client,

@@ -193,6 +193,12 @@ impl GoogleEmulator {
             .extend(std::iter::repeat_n(fault, times));
     }
 
+    /// Delays every `generateAccessToken` answer for service account `email` (faults included) by
+    /// `latency`, or by the endpoint's latency if that is longer: one identity that hangs.
+    pub fn set_service_account_latency(&self, email: &str, latency: Duration) {
+        self.shared.state().account_latencies.insert(email.to_owned(), latency);
+    }
+
     /// Delays every answer from `endpoint` (faults included) by `latency`.
     pub fn set_latency(&self, endpoint: Endpoint, latency: Duration) {
         self.shared.state().latencies.insert(endpoint, latency);
