@@ -178,15 +178,21 @@ impl RunArgs {
 
     /// Per-namespace fairness; `controllers` is how many controllers share the slots' budget.
     pub fn fairness_limits(&self, controllers: usize) -> FairnessLimits {
-        let half = (u32::from(self.concurrency) / 2).max(1);
-        let max_in_flight = self.namespace_max_in_flight.unwrap_or(half);
+        // `--concurrency 0` is kube-runtime's "unbounded": no slots to share, so no default cap.
+        let (slots, half) = match u32::from(self.concurrency) {
+            0 => (u32::MAX, 0),
+            n => (
+                n.saturating_mul(u32::try_from(controllers).unwrap_or(u32::MAX)),
+                (n / 2).max(1),
+            ),
+        };
         FairnessLimits {
             rate: NonZeroU32::new(self.namespace_rate_limit).map(|per_second| Rate {
                 per_second,
                 burst: per_second,
             }),
-            max_in_flight: NonZeroU32::new(max_in_flight),
-            slots: u32::from(self.concurrency).saturating_mul(u32::try_from(controllers).unwrap_or(u32::MAX)),
+            max_in_flight: NonZeroU32::new(self.namespace_max_in_flight.unwrap_or(half)),
+            slots,
         }
     }
 
@@ -273,6 +279,17 @@ mod tests {
         assert_eq!((off.rate, off.max_in_flight), (None, None));
         let one = Cli::parse_from(["gcp-token-operator", "--concurrency", "1"]).run;
         assert_eq!(one.fairness_limits(1).max_in_flight.map(NonZeroU32::get), Some(1));
+        let unbounded = Cli::parse_from(["gcp-token-operator", "--concurrency", "0"]).run;
+        assert_eq!(unbounded.fairness_limits(1).max_in_flight, None);
+        let capped = Cli::parse_from([
+            "gcp-token-operator",
+            "--concurrency",
+            "0",
+            "--namespace-max-in-flight",
+            "5",
+        ])
+        .run;
+        assert_eq!(capped.fairness_limits(1).max_in_flight.map(NonZeroU32::get), Some(5));
         let policy = cli.run.policy();
         assert_eq!(
             policy.ambient_namespaces.iter().collect::<Vec<_>>(),
