@@ -25,9 +25,9 @@ use crate::ratelimit::Rate;
 
 /// A refused mint comes back no sooner than this (kube-runtime adds its debounce on top).
 const MIN_RETRY: Duration = Duration::from_millis(250);
-/// A refused mint waits no longer than this for a namespace's mints in flight to end, whatever
-/// they took so far: hung calls end at the HTTP timeout.
-const MAX_IN_FLIGHT_RETRY: Duration = Duration::from_secs(10);
+/// A refused mint comes back no later than this (before jitter), however long the namespace's
+/// mints took so far: hung calls end at the HTTP timeout.
+const MAX_RETRY: Duration = Duration::from_secs(10);
 /// Below this many tracked namespaces, idle ones are not swept.
 const MIN_SWEEP: usize = 64;
 
@@ -142,14 +142,14 @@ impl Fairness {
         if let Some(max) = limits.max_in_flight {
             let contending = minting + usize::from(entry.in_flight == 0);
             if entry.in_flight >= in_flight_cap(max, limits.slots, contending) {
-                let wait = entry.typical_hold.clamp(MIN_RETRY, MAX_IN_FLIGHT_RETRY);
+                let wait = entry.typical_hold;
                 return Err(refused(Limit::InFlight, wait));
             }
         }
         if let Some(rate) = limits.rate {
             match next_arrival(entry.tat, now, rate) {
                 Ok(tat) => entry.tat = Some(tat),
-                Err(wait) => return Err(refused(Limit::Rate, wait.max(MIN_RETRY))),
+                Err(wait) => return Err(refused(Limit::Rate, wait)),
             }
         }
         entry.in_flight += 1;
@@ -214,9 +214,11 @@ fn next_arrival(tat: Option<Instant>, now: Instant, rate: Rate) -> Result<Instan
 
 /// Refused ones that would all return at the same moment are spread over half as long again.
 fn refused(limit: Limit, wait: Duration) -> Refused {
+    let wait = wait.clamp(MIN_RETRY, MAX_RETRY);
     Refused {
         limit,
-        retry_in: wait.saturating_add(wait.mul_f64(fastrand::f64() / 2.0)),
+        // At most 15 s: mul_f64 cannot overflow.
+        retry_in: wait + wait.mul_f64(fastrand::f64() / 2.0),
     }
 }
 
@@ -317,6 +319,20 @@ mod tests {
         assert_eq!(refused.limit, Limit::InFlight);
         assert!(
             (Duration::from_secs(2)..=Duration::from_secs(3)).contains(&refused.retry_in),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mints_that_hang_send_the_refused_ones_back_within_bounds() {
+        let fairness = fairness(1000, 1000, 2, 4);
+        let mut held: Vec<Permit> = (0..2).map(|_| fairness.admit("a").unwrap()).collect();
+        tokio::time::advance(Duration::from_secs(120)).await;
+        held.truncate(1);
+        held.push(fairness.admit("a").unwrap());
+        let refused = refusal(fairness.admit("a"));
+        assert!(
+            (MAX_RETRY..=MAX_RETRY * 3 / 2).contains(&refused.retry_in),
             "{refused:?}"
         );
     }
