@@ -142,8 +142,7 @@ impl Fairness {
         if let Some(max) = limits.max_in_flight {
             let contending = minting + usize::from(entry.in_flight == 0);
             if entry.in_flight >= in_flight_cap(max, limits.slots, contending) {
-                let wait = entry.typical_hold;
-                return Err(refused(Limit::InFlight, wait));
+                return Err(refused(Limit::InFlight, entry.typical_hold));
             }
         }
         if let Some(rate) = limits.rate {
@@ -152,7 +151,7 @@ impl Fairness {
                 Err(wait) => return Err(refused(Limit::Rate, wait)),
             }
         }
-        entry.in_flight += 1;
+        entry.in_flight = entry.in_flight.saturating_add(1);
         if entry.in_flight == 1 {
             state.minting += 1;
         }
@@ -237,7 +236,7 @@ impl Drop for Permit {
         entry.typical_hold = if entry.typical_hold.is_zero() {
             took
         } else {
-            (entry.typical_hold.saturating_mul(3) + took) / 4
+            entry.typical_hold.saturating_mul(3).saturating_add(took) / 4
         };
         let (ended, idle) = (entry.in_flight == 0, entry.idle(now));
         if ended {
