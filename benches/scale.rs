@@ -282,6 +282,11 @@ impl<'a> Bench<'a> {
                 "0",
                 "--google-rate-limit",
                 "1000000",
+                // One namespace holds every TokenRequest: fairness between namespaces off too.
+                "--namespace-rate-limit",
+                "0",
+                "--namespace-max-in-flight",
+                "0",
             ],
         })?)
     }

@@ -6,6 +6,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use url::Url;
 
 use crate::{
+    fairness::FairnessLimits,
     google::Endpoints,
     leader::{Timing, TimingError},
     ratelimit::{GoogleLimits, Rate, RateSetting},
@@ -62,6 +63,14 @@ pub struct RunArgs {
     /// Kubernetes API requests allowed at once above `--kube-qps`.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_KUBE_BURST", default_value_t = NonZeroU32::new(200).expect("not 0"))]
     pub kube_burst: NonZeroU32,
+    /// Mints one namespace may start per second (burst: one second's worth); 0 turns the
+    /// per-namespace rate off.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_NAMESPACE_RATE_LIMIT", default_value_t = 100)]
+    pub namespace_rate_limit: u32,
+    /// Mints one namespace may have in flight while no other namespace mints (fewer while others
+    /// do); 0 turns the cap off. Default: half of `--concurrency`.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_NAMESPACE_MAX_IN_FLIGHT")]
+    pub namespace_max_in_flight: Option<u32>,
     /// Refreshes found overdue when the operator starts or takes over (e.g. after downtime) are
     /// spread over this window, never later than halfway to the token's expiry.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_REFRESH_SPREAD", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -202,6 +211,26 @@ impl RunArgs {
         })
     }
 
+    /// Per-namespace fairness; `controllers` is how many controllers share the slots' budget.
+    pub fn fairness_limits(&self, controllers: usize) -> FairnessLimits {
+        // `--concurrency 0` is kube-runtime's "unbounded": no slots to share, so no default cap.
+        let (slots, half) = match u32::from(self.concurrency) {
+            0 => (u32::MAX, 0),
+            n => (
+                n.saturating_mul(u32::try_from(controllers).unwrap_or(u32::MAX)),
+                (n / 2).max(1),
+            ),
+        };
+        FairnessLimits {
+            rate: NonZeroU32::new(self.namespace_rate_limit).map(|per_second| Rate {
+                per_second,
+                burst: per_second,
+            }),
+            max_in_flight: NonZeroU32::new(self.namespace_max_in_flight.unwrap_or(half)),
+            slots,
+        }
+    }
+
     pub fn policy(&self) -> Policy {
         Policy {
             ambient_namespaces: self.ambient_namespaces.iter().cloned().collect(),
@@ -264,6 +293,38 @@ mod tests {
         );
         assert_eq!(defaults.refresh_spread, Duration::from_secs(30));
         assert_eq!(defaults.endpoints().metadata.as_str(), "http://169.254.169.254/");
+        let fair = defaults.fairness_limits(1);
+        assert_eq!(fair.rate.map(|r| (r.per_second.get(), r.burst.get())), Some((100, 100)));
+        assert_eq!(fair.max_in_flight.map(NonZeroU32::get), Some(8), "half the concurrency");
+        assert_eq!(fair.slots, 16);
+        assert_eq!(
+            defaults.fairness_limits(3).slots,
+            48,
+            "one controller per watched namespace"
+        );
+        let off = Cli::parse_from([
+            "gcp-token-operator",
+            "--namespace-rate-limit",
+            "0",
+            "--namespace-max-in-flight",
+            "0",
+        ])
+        .run
+        .fairness_limits(1);
+        assert_eq!((off.rate, off.max_in_flight), (None, None));
+        let one = Cli::parse_from(["gcp-token-operator", "--concurrency", "1"]).run;
+        assert_eq!(one.fairness_limits(1).max_in_flight.map(NonZeroU32::get), Some(1));
+        let unbounded = Cli::parse_from(["gcp-token-operator", "--concurrency", "0"]).run;
+        assert_eq!(unbounded.fairness_limits(1).max_in_flight, None);
+        let capped = Cli::parse_from([
+            "gcp-token-operator",
+            "--concurrency",
+            "0",
+            "--namespace-max-in-flight",
+            "5",
+        ])
+        .run;
+        assert_eq!(capped.fairness_limits(1).max_in_flight.map(NonZeroU32::get), Some(5));
         let policy = cli.run.policy();
         assert_eq!(
             policy.ambient_namespaces.iter().collect::<Vec<_>>(),

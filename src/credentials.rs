@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use aws_lc_rs::signature::RsaKeyPair;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::SecretString;
 use serde::Serialize;
@@ -196,9 +197,19 @@ fn service_account(f: &Fields<'_>) -> Result<ServiceAccountKey, FileError> {
         return Err(f.error("client_email", "is not a service account email"));
     }
     let private_key_id = f.required("private_key_id")?;
-    // Decodes the PEM; the RSA key inside is parsed when signing, which maps its failure the same way.
     let private_key = EncodingKey::from_rsa_pem(f.required("private_key")?.as_bytes())
         .map_err(|_| f.error("private_key", NOT_AN_RSA_KEY))?;
+    // Signing costs grow with the cube of the key size, and the tenant chooses it.
+    let bits = RsaKeyPair::from_der(private_key.as_bytes())
+        .map_err(|_| f.error("private_key", NOT_AN_RSA_KEY))?
+        .public_modulus_len()
+        .saturating_mul(8);
+    if bits > MAX_RSA_BITS {
+        return Err(f.error(
+            "private_key",
+            format!("is a {bits}-bit RSA key; at most {MAX_RSA_BITS} bits are accepted"),
+        ));
+    }
     // `token_uri` is not read: the JWT goes to the operator's OAuth endpoint, never to an address
     // a file names.
     Ok(ServiceAccountKey {
@@ -209,6 +220,8 @@ fn service_account(f: &Fields<'_>) -> Result<ServiceAccountKey, FileError> {
 }
 
 const NOT_AN_RSA_KEY: &str = "is not a PEM-encoded RSA private key";
+/// Google issues 2048-bit keys; 4096 is the most it accepts uploaded.
+const MAX_RSA_BITS: usize = 4096;
 
 fn authorized_user(f: &Fields<'_>) -> Result<AuthorizedUser, FileError> {
     Ok(AuthorizedUser {
@@ -321,6 +334,25 @@ fn impersonation_lifetime(f: &Fields<'_>) -> Result<Duration, FileError> {
 }
 
 impl ServiceAccountKey {
+    /// `assertion` on a blocking thread: an RSA signature takes milliseconds, which would stall
+    /// every other reconcile on the same async worker.
+    pub async fn sign_assertion(
+        self,
+        scopes: Vec<String>,
+        audience: String,
+        now: i64,
+    ) -> Result<SecretString, FileError> {
+        tokio::task::spawn_blocking(move || self.assertion(&scopes, &audience, now))
+            .await
+            .unwrap_or_else(|_| {
+                Err(field_error(
+                    SERVICE_ACCOUNT,
+                    "private_key",
+                    "could not be used: signing failed",
+                ))
+            })
+    }
+
     /// The self-signed JWT the jwt-bearer grant exchanges: RS256, `kid` = private_key_id, issued
     /// at `now` (Unix seconds) and valid for an hour, for `audience` (the OAuth token URL).
     pub fn assertion(&self, scopes: &[String], audience: &str, now: i64) -> Result<SecretString, FileError> {
@@ -583,9 +615,45 @@ mod tests {
         assert_eq!(ext.options.as_deref(), Some(r#"{"userProject":"billing-project"}"#));
     }
 
-    #[cfg(feature = "testkit")]
     #[test]
-    fn assertion_is_signed_with_the_key_and_names_it() {
+    fn keys_over_4096_bits_are_refused_by_field_never_by_value() {
+        use aws_lc_rs::{
+            encoding::AsDer,
+            rsa::{KeyPair, KeySize},
+        };
+        use base64::Engine;
+
+        let pem = |size| {
+            let der = KeyPair::generate(size).unwrap().as_der().unwrap();
+            let body = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+            let lines: Vec<&str> = body
+                .as_bytes()
+                .chunks(64)
+                .map(|l| std::str::from_utf8(l).unwrap())
+                .collect();
+            (
+                body.clone(),
+                format!(
+                    "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+                    lines.join("\n")
+                ),
+            )
+        };
+        let file = |key: &str| serde_json::json!({"type": "service_account", "client_email": SA, "private_key_id": "k", "private_key": key});
+        let (body, big) = pem(KeySize::Rsa8192);
+        let e = parse_file(&file(&big), SecretFormat::Auto).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "service_account file: field private_key is a 8192-bit RSA key; at most 4096 bits are accepted"
+        );
+        assert!(!e.to_string().contains(&body[..40]));
+        let (_, largest) = pem(KeySize::Rsa4096);
+        assert!(parse_file(&file(&largest), SecretFormat::Auto).is_ok());
+    }
+
+    #[cfg(feature = "testkit")]
+    #[tokio::test]
+    async fn assertion_is_signed_with_the_key_and_names_it() {
         use jsonwebtoken::{DecodingKey, Validation};
 
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
@@ -596,7 +664,8 @@ mod tests {
         };
         let scopes = vec!["a".to_string(), "b".to_string()];
         let jwt = sa
-            .assertion(&scopes, "https://oauth2.googleapis.com/token", 1_800_000_000)
+            .sign_assertion(scopes, "https://oauth2.googleapis.com/token".into(), 1_800_000_000)
+            .await
             .unwrap();
         let header = jsonwebtoken::decode_header(jwt.expose_secret()).unwrap();
         assert_eq!((header.alg, header.kid.as_deref()), (Algorithm::RS256, Some("kid-1")));

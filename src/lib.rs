@@ -8,6 +8,7 @@ pub mod controller;
 pub mod crd;
 pub mod credentials;
 pub mod events;
+pub mod fairness;
 pub mod google;
 pub mod http;
 pub mod leader;

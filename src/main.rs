@@ -74,6 +74,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (lease_client, settings)
     });
     let settings = Settings {
+        // One controller per watched namespace, or one for all.
+        fairness: args.fairness_limits(args.namespaces.len().max(1)),
         policy: args.policy(),
         ambient: args.ambient(),
         namespaces: args.namespaces,

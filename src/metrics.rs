@@ -35,6 +35,11 @@ struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     reason: &'static str,
 }
@@ -49,6 +54,7 @@ pub struct Metrics {
     google_latency: Family<GoogleCallLabels, Histogram>,
     rate_limit_wait: Family<EndpointLabels, Histogram>,
     throttled: Family<EndpointLabels, Counter>,
+    namespace_throttled: Family<LimitLabels, Counter>,
     reconcile_duration: Histogram,
     reconcile_errors: Family<ErrorLabels, Counter>,
 }
@@ -98,6 +104,13 @@ impl Default for Metrics {
             "Calls to Google held back for later by the endpoint's rate limit or pushback",
             throttled.clone(),
         );
+        // No namespace label: a storm of namespaces would be a storm of series.
+        let namespace_throttled = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "namespace_throttled",
+            "Mints held back for later by their namespace's fair share, by limit (rate, in_flight)",
+            namespace_throttled.clone(),
+        );
         let reconcile_duration = latency_histogram();
         registry.register(
             "reconcile_duration_seconds",
@@ -118,6 +131,7 @@ impl Default for Metrics {
             google_latency,
             rate_limit_wait,
             throttled,
+            namespace_throttled,
             reconcile_duration,
             reconcile_errors,
         }
@@ -143,6 +157,10 @@ impl Metrics {
                 self.throttled.get_or_create(&labels).inc();
             }
         }
+    }
+
+    pub fn count_namespace_throttled(&self, limit: &'static str) {
+        self.namespace_throttled.get_or_create(&LimitLabels { limit }).inc();
     }
 
     pub fn observe_google_call(&self, api: Api, status_class: &'static str, elapsed: Duration) {
@@ -204,6 +222,7 @@ mod tests {
         m.observe_google_call(Api::Sts, "2xx", Duration::from_millis(20));
         m.observe_reconcile(Duration::from_millis(3));
         m.count_error("PermissionDenied");
+        m.count_namespace_throttled("in_flight");
         let text = m.encode();
         for needle in [
             r#"gcp_token_operator_token_expiration_timestamp_seconds{namespace="ns",name="tr"} 1800000000.0"#,
@@ -212,6 +231,7 @@ mod tests {
             r#"gcp_token_operator_google_request_duration_seconds_count{endpoint="sts",status_class="2xx"} 1"#,
             "gcp_token_operator_reconcile_duration_seconds_count 1",
             r#"gcp_token_operator_reconcile_errors_total{reason="PermissionDenied"} 1"#,
+            r#"gcp_token_operator_namespace_throttled_total{limit="in_flight"} 1"#,
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

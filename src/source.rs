@@ -58,7 +58,41 @@ impl Credential {
 }
 
 /// Credentials the operator minted, by key.
-pub type KeptCredentials = SingleFlight<Credential, SourceError>;
+pub type KeptCredentials = SingleFlight<Credential, MintError>;
+
+/// Why the operator could not mint a credential. One failure reaches everyone who waited for the
+/// same mint, in whichever namespace, so it names nothing of any one caller's: each adds its own
+/// `origin` (see `SourceError::Exchange`).
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("signing the JWT failed: {0}")]
+    Sign(#[source] FileError),
+    #[error(transparent)]
+    Google(GoogleError),
+}
+
+impl MintError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::Sign(_) => ErrorClass::Permanent,
+            Self::Google(e) => e.class(),
+        }
+    }
+
+    fn reason(&self) -> Reason {
+        match self {
+            Self::Sign(_) => Reason::InvalidSpec,
+            Self::Google(e) => e.reason(),
+        }
+    }
+
+    fn google(&self) -> Option<&GoogleError> {
+        match self {
+            Self::Google(e) => Some(e),
+            Self::Sign(_) => None,
+        }
+    }
+}
 
 /// Where the operator's own Google identity (`source.ambient`) comes from.
 #[derive(Clone, Debug, Default)]
@@ -118,7 +152,7 @@ pub enum SourceError {
         identity: String,
         origin: String,
         #[source]
-        source: GoogleError,
+        source: Arc<MintError>,
     },
 }
 
@@ -159,14 +193,14 @@ impl SourceError {
 
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
-            Self::Exchange { source, .. } => source.retry_after(),
+            Self::Exchange { source, .. } => source.google()?.retry_after(),
             _ => None,
         }
     }
 
     pub fn throttled(&self) -> Option<std::time::Duration> {
         match self {
-            Self::Exchange { source, .. } => source.throttled(),
+            Self::Exchange { source, .. } => source.google()?.throttled(),
             _ => None,
         }
     }
@@ -238,7 +272,8 @@ impl Sources<'_> {
         let exchange = match (content, subject_token) {
             (Content::Token(token), None) => return Ok(Credential::given(token, None)),
             (Content::File(CredentialFile::ExternalAccount(file)), Some(subject)) => {
-                Exchange::Federation(file, self.subject(subject).await?)
+                let subject = self.subject(subject, &file.audience).await?;
+                Exchange::Federation(file, subject)
             }
             (Content::File(CredentialFile::ExternalAccount(_)), None) => {
                 return Err(SourceError::NoSubjectToken { origin }.into());
@@ -251,9 +286,10 @@ impl Sources<'_> {
             .await
     }
 
-    /// A subject token in a Secret is read now: its value is part of the key the federated token
-    /// is kept under. A ServiceAccount token is minted only when the exchange is made.
-    async fn subject(&self, subject: &SubjectToken) -> Result<Subject, SourceError> {
+    /// The subject token, read or minted now: the federated token is kept under its value, or
+    /// under the identity of the ServiceAccount it was minted for (`file_audience`: the audience
+    /// unless the spec names one).
+    async fn subject(&self, subject: &SubjectToken, file_audience: &str) -> Result<Subject, SourceError> {
         Ok(match subject {
             SubjectToken::Secret { name, key } => {
                 Subject::Given(read_secret_key(self.client, self.namespace, name, key).await?)
@@ -262,11 +298,24 @@ impl Sources<'_> {
                 service_account_name,
                 audience,
                 expiration_seconds,
-            } => Subject::ServiceAccount {
-                name: service_account_name.clone(),
-                audience: audience.clone(),
-                expiration_seconds: *expiration_seconds,
-            },
+            } => {
+                let audience = audience.as_deref().unwrap_or(file_audience);
+                let minted = mint_service_account_token(
+                    self.client,
+                    self.namespace,
+                    service_account_name,
+                    audience,
+                    *expiration_seconds,
+                )
+                .await?;
+                Subject::ServiceAccount {
+                    uid: service_account_uid(minted.token.expose_secret()),
+                    token: minted.token,
+                    name: service_account_name.clone(),
+                    audience: audience.to_string(),
+                    expiration_seconds: *expiration_seconds,
+                }
+            }
         })
     }
 
@@ -302,18 +351,17 @@ impl Sources<'_> {
     ) -> Result<Credential, Arc<SourceError>> {
         let key = exchange.key(self.namespace, scopes, material);
         let identity = exchange.identity();
-        let (google, client, namespace) = (self.google.clone(), self.client.clone(), self.namespace.to_string());
+        let google = self.google.clone();
         let scopes = scopes.to_vec();
         let call = async move {
             let issued = match exchange {
                 Exchange::ServiceAccountKey(sa) => {
                     let audience = google.endpoints().oauth_token_url();
-                    let assertion =
-                        sa.assertion(&scopes, &audience, Timestamp::now().as_second())
-                            .map_err(|source| SourceError::File {
-                                origin: origin.clone(),
-                                source,
-                            })?;
+                    let now = Timestamp::now().as_second();
+                    let assertion = sa
+                        .sign_assertion(scopes.clone(), audience, now)
+                        .await
+                        .map_err(MintError::Sign)?;
                     google.jwt_bearer(&assertion, &scopes).await
                 }
                 Exchange::AuthorizedUser(user) => {
@@ -321,24 +369,17 @@ impl Sources<'_> {
                         .refresh_access_token(&user.client_id, &user.client_secret, &user.refresh_token, &scopes)
                         .await
                 }
-                Exchange::Federation(file, subject) => {
-                    let subject = subject.token(&client, &namespace, &file.audience).await?;
-                    google.federate(&file.exchange(scopes), &subject).await
-                }
+                Exchange::Federation(file, subject) => google.federate(&file.exchange(scopes), subject.token()).await,
                 Exchange::MetadataServer => google.metadata_token(&scopes).await,
             };
-            let IssuedToken { token, expires_at, .. } = issued.map_err(|source| SourceError::Exchange {
-                identity,
-                origin,
-                source,
-            })?;
+            let IssuedToken { token, expires_at, .. } = issued.map_err(MintError::Google)?;
             Ok(Credential {
                 token,
                 expires_at,
                 kept_as: Some(key),
             })
         };
-        self.kept.get_or_call(key, call, kept_until).await
+        kept_or_minted(self.kept, key, call, identity, origin).await
     }
 
     /// The token another TokenRequest currently holds: read from its Secret, and only if that
@@ -396,29 +437,40 @@ enum Exchange {
 /// The subject token of an external_account file.
 enum Subject {
     Given(SecretString),
+    /// Minted for this exchange with the Kubernetes TokenRequest API.
     ServiceAccount {
+        token: SecretString,
         name: String,
-        /// `None`: the file's audience.
-        audience: Option<String>,
+        /// From the token's claims: a ServiceAccount recreated under the same name is another.
+        uid: Option<String>,
+        audience: String,
         expiration_seconds: i64,
     },
 }
 
 impl Subject {
-    async fn token(self, client: &Client, namespace: &str, file_audience: &str) -> Result<SecretString, SourceError> {
+    fn token(&self) -> &SecretString {
         match self {
-            Self::Given(token) => Ok(token),
-            Self::ServiceAccount {
-                name,
-                audience,
-                expiration_seconds,
-            } => {
-                let audience = audience.as_deref().unwrap_or(file_audience);
-                let minted = mint_service_account_token(client, namespace, &name, audience, expiration_seconds).await?;
-                Ok(minted.token)
-            }
+            Self::Given(token) | Self::ServiceAccount { token, .. } => token,
         }
     }
+}
+
+/// The ServiceAccount UID a Kubernetes-issued token names (`kubernetes.io.serviceaccount.uid`).
+/// The apiserver just issued it, so its claims are read without checking the signature.
+fn service_account_uid(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    let uid = claims
+        .get("kubernetes.io")?
+        .get("serviceaccount")?
+        .get("uid")?
+        .as_str()?;
+    (!uid.is_empty()).then(|| uid.to_string())
 }
 
 impl Exchange {
@@ -437,23 +489,48 @@ impl Exchange {
     /// The key the minted credential is kept under: who it is for, the scopes, and all the
     /// material it is minted from. Only those who present the same material share it, so no
     /// tenant obtains a token it could not have minted itself. A ServiceAccount subject token is
-    /// minted afresh each time, so its ServiceAccount (and namespace) stands in for it.
+    /// minted afresh each time, so its ServiceAccount (namespace, name and UID) stands in for it;
+    /// without a UID, the token itself does (and nothing is shared).
     fn key(&self, namespace: &str, scopes: &[String], material: &[u8]) -> Key {
         let subject = match self {
             Self::Federation(_, Subject::Given(token)) => token.expose_secret().as_bytes().to_vec(),
             Self::Federation(
                 _,
                 Subject::ServiceAccount {
+                    uid: Some(uid),
                     name,
                     audience,
                     expiration_seconds,
+                    ..
                 },
-            ) => format!("{namespace}/{name} {audience:?} {expiration_seconds}").into_bytes(),
+            ) => format!("{namespace}/{name} {uid} {audience:?} {expiration_seconds}").into_bytes(),
+            Self::Federation(_, Subject::ServiceAccount { token, uid: None, .. }) => {
+                token.expose_secret().as_bytes().to_vec()
+            }
             _ => Vec::new(),
         };
         let identity = self.identity();
         Key::of(&[identity.as_bytes(), scopes.join(" ").as_bytes(), material, &subject])
     }
+}
+
+/// The credential kept under `key`, or minted by `call` once for everyone waiting for it. A failure
+/// is told in the caller's own words (`identity`, `origin`), never in those of the caller whose
+/// `call` was made.
+async fn kept_or_minted(
+    kept: &KeptCredentials,
+    key: Key,
+    call: impl Future<Output = Result<Credential, MintError>> + Send + 'static,
+    identity: String,
+    origin: String,
+) -> Result<Credential, Arc<SourceError>> {
+    kept.get_or_call(key, call, kept_until).await.map_err(|source| {
+        Arc::new(SourceError::Exchange {
+            identity,
+            origin,
+            source,
+        })
+    })
 }
 
 /// A kept credential is fresh until the point a TokenRequest would refresh it (with the default
@@ -558,10 +635,12 @@ mod tests {
         Exchange::Federation(file, subject)
     }
 
-    fn service_account(name: &str) -> Subject {
+    fn service_account(name: &str, uid: Option<&str>) -> Subject {
         Subject::ServiceAccount {
+            token: SecretString::from(format!("token of {name} {}", fastrand::u64(..))),
             name: name.into(),
-            audience: None,
+            uid: uid.map(String::from),
+            audience: "aud".into(),
             expiration_seconds: 3600,
         }
     }
@@ -584,16 +663,76 @@ mod tests {
     #[test]
     fn federated_credentials_are_keyed_by_their_subject() {
         let scopes = ["x".to_string()];
-        let app = |ns: &str| federation(service_account("app")).key(ns, &scopes, b"file");
-        assert_eq!(app("a"), app("a"));
-        assert_ne!(app("a"), app("b"), "a ServiceAccount subject belongs to its namespace");
+        let sa =
+            |ns: &str, name: &str, uid: &str| federation(service_account(name, Some(uid))).key(ns, &scopes, b"file");
+        // Two tokens of one ServiceAccount share the federated credential.
+        assert_eq!(sa("a", "app", "uid-1"), sa("a", "app", "uid-1"));
         assert_ne!(
-            app("a"),
-            federation(service_account("other")).key("a", &scopes, b"file")
+            sa("a", "app", "uid-1"),
+            sa("b", "app", "uid-1"),
+            "a ServiceAccount belongs to its namespace"
         );
+        assert_ne!(sa("a", "app", "uid-1"), sa("a", "other", "uid-1"));
+        // Deleted and created again under the same name: another ServiceAccount, another credential.
+        assert_ne!(sa("a", "app", "uid-1"), sa("a", "app", "uid-2"));
+        // Without a UID nothing is shared: the fresh token itself is the key.
+        let anonymous = || federation(service_account("app", None)).key("a", &scopes, b"file");
+        assert_ne!(anonymous(), anonymous());
         let given = |token: &str| federation(Subject::Given(SecretString::from(token))).key("a", &scopes, b"file");
         assert_eq!(given("jwt-1"), given("jwt-1"));
         assert_ne!(given("jwt-1"), given("jwt-2"));
+    }
+
+    #[test]
+    fn the_service_account_uid_is_read_from_the_token_claims() {
+        use base64::Engine;
+        let jwt = |claims: serde_json::Value| {
+            let part = |v: &serde_json::Value| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+            };
+            format!("{}.{}.sig", part(&serde_json::json!({"alg": "RS256"})), part(&claims))
+        };
+        let claims =
+            serde_json::json!({"kubernetes.io": {"namespace": "a", "serviceaccount": {"name": "app", "uid": "u-1"}}});
+        assert_eq!(service_account_uid(&jwt(claims)).as_deref(), Some("u-1"));
+        for bad in [
+            jwt(serde_json::json!({"sub": "system:serviceaccount:a:app"})),
+            jwt(serde_json::json!({"kubernetes.io": {"serviceaccount": {"uid": ""}}})),
+            jwt(serde_json::json!({"kubernetes.io": {"serviceaccount": {"uid": 7}}})),
+            "not a jwt".into(),
+            "a.!!!.c".into(),
+            String::new(),
+        ] {
+            assert_eq!(service_account_uid(&bad), None, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shared_failure_names_each_callers_own_secret() {
+        let kept = KeptCredentials::default();
+        let key = Key::of(&[b"same file, two namespaces"]);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failing = || {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(MintError::Google(GoogleError::EmptyToken {
+                    api: crate::google::Api::OAuth2,
+                }))
+            }
+        };
+        let attempt =
+            |origin: &str| kept_or_minted(&kept, key, failing(), "service account x".into(), origin.to_string());
+        let (a, b) = tokio::join!(
+            attempt("Secret \"a-secret\" key \"a-key\""),
+            attempt("Secret \"b-secret\" key \"b-key\"")
+        );
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "one call for both");
+        let (a, b) = (a.err().unwrap().to_string(), b.err().unwrap().to_string());
+        assert!(a.contains("a-secret") && !a.contains("b-secret"), "{a}");
+        assert!(b.contains("b-secret") && !b.contains("a-secret"), "{b}");
+        assert!(!b.contains("a-key"), "{b}");
     }
 
     #[test]

@@ -182,6 +182,9 @@ async fn default_install_is_deploy_manifests_hardened_and_uninstalls() {
         Some("gcp-token-operator/gcp-token-operator")
     );
     assert_eq!(var("GCP_TOKEN_OPERATOR_AMBIENT_NAMESPACES"), None);
+    // Fairness between namespaces is on; the in-flight cap follows the concurrency.
+    assert_eq!(var("GCP_TOKEN_OPERATOR_NAMESPACE_RATE_LIMIT"), Some("100"));
+    assert_eq!(var("GCP_TOKEN_OPERATOR_NAMESPACE_MAX_IN_FLIGHT"), None);
     assert_eq!(var("GOOGLE_APPLICATION_CREDENTIALS"), None);
     assert!(deployment["spec"]["template"]["spec"]["volumes"].is_null());
 
@@ -317,6 +320,10 @@ async fn wrong_values_fail_the_install() {
             json!({"metrics": {"networkPolicy": {"enabled": true, "from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}}}),
             "additional properties 'ipBlock' not allowed",
         ),
+        (
+            json!({"rateLimits": {"perNamespace": {"maxInFlight": -1}}}),
+            "at '/rateLimits/perNamespace/maxInFlight'",
+        ),
     ];
     for (values, expected) in cases {
         match helm::install(kubeconfig, "rejected", "rejected", &values).await {
@@ -373,7 +380,7 @@ async fn optional_objects_and_settings_render_and_install() {
         },
         "podDisruptionBudget": {"enabled": true, "minAvailable": 1},
         "rateLimits": {"google": {"perSecond": 40, "perEndpoint": {"sts": 10}, "burst": 5},
-            "kubernetes": {"qps": 0, "burst": 50}},
+            "kubernetes": {"qps": 0, "burst": 50}, "perNamespace": {"mintsPerSecond": 0, "maxInFlight": 3}},
         "refreshSpread": "2m",
         "rolloutRestarts": {"enabled": false},
     });
@@ -430,6 +437,8 @@ async fn optional_objects_and_settings_render_and_install() {
         ("GCP_TOKEN_OPERATOR_KUBE_QPS", "0"),
         ("GCP_TOKEN_OPERATOR_KUBE_BURST", "50"),
         ("GCP_TOKEN_OPERATOR_REFRESH_SPREAD", "2m"),
+        ("GCP_TOKEN_OPERATOR_NAMESPACE_RATE_LIMIT", "0"),
+        ("GCP_TOKEN_OPERATOR_NAMESPACE_MAX_IN_FLIGHT", "3"),
         (
             "GOOGLE_APPLICATION_CREDENTIALS",
             "/var/run/secrets/gcp-token-operator/ambient/adc.json",

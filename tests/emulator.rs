@@ -858,6 +858,28 @@ async fn latency_delays_the_answer() {
 }
 
 #[tokio::test]
+async fn a_service_account_latency_delays_only_that_account() {
+    let (emu, http) = setup().await;
+    let other = "other@proj.iam.gserviceaccount.com";
+    emu.add_service_account(other, &["*"]);
+    emu.set_service_account_latency(TARGET_SA, Duration::from_millis(500));
+    let caller = metadata_token(&emu, &http).await;
+    let request = json!({"scope": [CLOUD_PLATFORM]});
+    let started = Instant::now();
+    let (status, _) = send(generate(&emu, &http, other, Some(&caller), request.clone())).await;
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let (status, _) = send(generate(&emu, &http, TARGET_SA, Some(&caller), request)).await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(500));
+}
+
+#[tokio::test]
 async fn every_request_is_recorded_and_unknown_paths_get_a_google_404() {
     let (emu, http) = setup().await;
     let token = metadata_token(&emu, &http).await;

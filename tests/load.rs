@@ -1,11 +1,14 @@
-//! Load the operator puts on Google: per-endpoint rate limits, pushback from one endpoint, and
-//! the refreshes found overdue after downtime (a restart storm), on the real control plane.
+//! Load the operator puts on Google: per-endpoint rate limits, pushback from one endpoint, the
+//! refreshes found overdue after downtime (a restart storm), and a namespace's own mint rate, on
+//! the real control plane.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use gcp_token_operator::testkit::emulator::{Endpoint, Fault};
+use k8s_openapi::api::core::v1::Event;
+use kube::{Api, api::ListParams};
 use serde_json::json;
 use support::*;
 
@@ -151,6 +154,59 @@ async fn refreshes_overdue_after_downtime_are_spread_not_fired_together() {
         most_in_one_second <= 4,
         "{most_in_one_second} refreshes within one second"
     );
+    env.assert_no_token_leaked().await;
+}
+
+#[tokio::test]
+async fn a_namespace_starts_no_more_mints_than_its_rate_and_reports_nothing_meanwhile() {
+    const COUNT: usize = 10;
+    let mut env = Env::new("ns-rate").await;
+    env.prepare_impersonation(SA_EMAIL, Duration::from_secs(3600)).await;
+    for n in 0..COUNT {
+        env.google.add_service_account(&service_account(n), &["*"]);
+    }
+    env.operator = Some(env.spawn_operator(&["--namespace-rate-limit", "2"]));
+    for n in 0..COUNT {
+        env.create(&format!("tr-{n}"), impersonation_spec(&service_account(n)))
+            .await;
+    }
+    for n in 0..COUNT {
+        env.wait_ready(&format!("tr-{n}")).await;
+    }
+    let calls = env.google.arrivals(Endpoint::GenerateAccessToken);
+    assert_eq!(calls.len(), COUNT, "one call each: a refused mint calls nothing");
+    // A burst of 2, then 2 per second: the other 8 take about 4 s.
+    let span = *calls.last().unwrap() - calls[0];
+    assert!(span >= Duration::from_millis(3500), "{COUNT} mints within {span:?}");
+    let most_in_one_second = calls
+        .iter()
+        .map(|t| {
+            calls
+                .iter()
+                .filter(|u| **u >= *t && **u - *t < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(most_in_one_second <= 4, "{most_in_one_second} mints within one second");
+    // Held back, not failed: no Warning, one Issued Event each.
+    let events = Api::<Event>::namespaced(env.client.clone(), &env.namespace)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let reasons: Vec<_> = events.items.iter().filter_map(|e| e.reason.as_deref()).collect();
+    assert_eq!(reasons.iter().filter(|r| **r == "Issued").count(), COUNT, "{reasons:?}");
+    assert!(
+        events.items.iter().all(|e| e.type_.as_deref() == Some("Normal")),
+        "{reasons:?}"
+    );
+    let (_, metrics) = env.operator.as_ref().unwrap().get("/metrics").await.unwrap();
+    let held_back = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"gcp_token_operator_namespace_throttled_total{limit="rate"} "#))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(held_back >= 1.0, "no mint was held back by the namespace's rate");
     env.assert_no_token_leaked().await;
 }
 

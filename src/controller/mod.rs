@@ -1,5 +1,6 @@
 //! Wiring: watches, caches, the controller loop and its shared context.
 
+mod dependents;
 mod reconcile;
 
 use std::{
@@ -24,10 +25,12 @@ use kube::{
 };
 use tracing::{info, warn};
 
+use self::dependents::Dependents;
 pub use self::reconcile::{Error, reconcile};
 use crate::{
     crd::TokenRequest,
     events::{EventRecorder, Reporter},
+    fairness::{Fairness, FairnessLimits},
     google::{GoogleClient, GoogleError, IssuedToken},
     metrics::{Metrics, ObjectLabels},
     refresh,
@@ -67,6 +70,8 @@ pub struct Exchanges {
     pub kept: KeptCredentials,
     /// Flow calls in flight.
     pub flows: SingleFlight<IssuedToken, GoogleError>,
+    /// Admission of mints per namespace, in front of these calls and the writes that follow.
+    pub fairness: Fairness,
 }
 
 pub struct Settings {
@@ -79,6 +84,7 @@ pub struct Settings {
     pub instance: String,
     pub policy: Policy,
     pub ambient: Ambient,
+    pub fairness: FairnessLimits,
 }
 
 /// Fails early, with a hint, when the CRD is not installed.
@@ -108,7 +114,10 @@ pub async fn run(
         pending: AtomicUsize::new(2 * scopes.len()),
         ready,
     });
-    let exchanges = Exchanges::default();
+    let exchanges = Exchanges {
+        fairness: Fairness::new(settings.fairness),
+        ..Exchanges::default()
+    };
     let controllers = scopes.iter().map(|namespace| {
         controller_for(
             &client,
@@ -169,12 +178,19 @@ fn controller_for(
 ) -> impl Future<Output = ()> + use<> {
     // managedFields is dropped from the caches: it is often larger than the rest of the object.
     let (tr_reader, tr_writer) = reflector::store();
+    let dependents = Dependents::default();
+    let index = dependents.clone();
     let token_requests = watcher(
         api_in::<TokenRequest>(client, namespace),
         watcher::Config::default().any_semantic(),
     )
     .default_backoff()
     .inspect(sync.watch())
+    .inspect(move |event| {
+        if let Ok(event) = event {
+            index.observe(event);
+        }
+    })
     .modify(|tr| {
         tr.managed_fields_mut().clear();
         // `kubectl apply` keeps the whole object again in this annotation; the reconciler never reads it.
@@ -218,10 +234,9 @@ fn controller_for(
         started_at: refresh::whole_second(Timestamp::now()),
         refresh_spread: settings.refresh_spread,
     });
-    let mapper_store = tr_reader.clone();
     let metrics = metrics.clone();
     Controller::for_stream(token_requests, tr_reader)
-        .watches_stream(secrets, move |secret| triggered_by_secret(&mapper_store, &secret))
+        .watches_stream(secrets, move |secret| triggered_by_secret(&dependents, &secret))
         .with_config(
             controller::Config::default()
                 .concurrency(settings.concurrency)
@@ -250,22 +265,16 @@ fn controller_for(
 
 /// A change to a managed Secret concerns the TokenRequest that owns it and every TokenRequest
 /// that uses that one as its source (so a chain moves on as soon as its upstream has a token).
-fn triggered_by_secret(token_requests: &Store<TokenRequest>, secret: &Secret) -> Vec<ObjectRef<TokenRequest>> {
+fn triggered_by_secret(dependents: &Dependents, secret: &Secret) -> Vec<ObjectRef<TokenRequest>> {
     let Some(namespace) = secret.namespace() else {
         return Vec::new();
     };
-    let Some(owner) = render::controller_name(secret).map(String::from) else {
+    let Some(owner) = render::controller_name(secret) else {
         return Vec::new();
     };
-    let mut refs = vec![ObjectRef::new(&owner).within(&namespace)];
-    refs.extend(
-        token_requests
-            .state()
-            .iter()
-            .filter(|tr| tr.namespace().as_deref() == Some(namespace.as_str()))
-            .filter(|tr| tr.spec.source.token_request.as_ref().is_some_and(|s| s.name == owner))
-            .map(|tr| ObjectRef::from_obj(tr.as_ref())),
-    );
+    let owner = ObjectRef::new(owner).within(&namespace);
+    let mut refs = dependents.of(&owner);
+    refs.insert(0, owner);
     refs
 }
 

@@ -26,6 +26,7 @@ use super::{Context, FIELD_MANAGER};
 use crate::{
     crd::{TokenRequest, TokenRequestStatus, WorkloadKind, bound},
     events::{Event, EventType},
+    fairness::Permit,
     google::{GoogleError, IssuedToken},
     metrics::ObjectLabels,
     refresh::{self, ErrorClass},
@@ -214,6 +215,19 @@ impl<'a> Reconciler<'a> {
             Ok(spec) => spec,
             Err(invalid) => return self.invalid_spec(&invalid.to_string()).await,
         };
+        // A Secret the cache does not hold costs a GET, and a mint nearly always follows: a
+        // namespace over its fair share is turned away before either.
+        let cached = self
+            .ctx
+            .secrets
+            .get(&ObjectRef::new(&spec.secret.name).within(&self.namespace));
+        let permit = match cached {
+            Some(_) => None,
+            None => match self.admit() {
+                Ok(permit) => Some(permit),
+                Err(requeue) => return Ok(requeue),
+            },
+        };
         let existing = self.existing_secret(&spec.secret.name).await?;
         let stored = match &existing {
             Existing::Foreign => return self.secret_conflict(&spec).await,
@@ -233,7 +247,19 @@ impl<'a> Reconciler<'a> {
                 return self.keep(&spec, &existing, token, refresh_at).await;
             }
         }
-        self.mint_and_store(&spec, &existing, valid).await
+        self.mint_and_store(&spec, &existing, valid, permit).await
+    }
+
+    /// Leave to mint within the namespace's fair share; or, when it has none left, the requeue
+    /// for when it has again, with nothing written and no Event.
+    fn admit(&self) -> Result<Permit, Action> {
+        self.ctx.exchanges.fairness.admit(&self.namespace).map_err(|refused| {
+            let limit = refused.limit.as_str();
+            self.ctx.metrics.count_namespace_throttled(limit);
+            debug!(namespace = %self.namespace, name = %self.name, limit, retry_in = ?refused.retry_in,
+                   "held back for the other namespaces");
+            Action::requeue(refused.retry_in)
+        })
     }
 
     fn object_key(&self) -> String {
@@ -299,7 +325,10 @@ impl<'a> Reconciler<'a> {
         // nor met someone else's there, it is taken to be absent: the create that follows fails if
         // it is not, and the Secret is judged then (which saves a read per new TokenRequest).
         let known = self.status.secret_name.as_deref() == Some(name)
-            || self.tr.ready_condition().is_some_and(|c| c.reason == Reason::SecretConflict.as_str());
+            || self
+                .tr
+                .ready_condition()
+                .is_some_and(|c| c.reason == Reason::SecretConflict.as_str());
         if !known {
             return Ok(Existing::Missing);
         }
@@ -354,7 +383,13 @@ impl<'a> Reconciler<'a> {
         spec: &ValidSpec,
         existing: &Existing,
         valid: Option<&StoredToken>,
+        permit: Option<Permit>,
     ) -> Result<Action, Error> {
+        // Held until the Secret and the status are written: those writes are the namespace's too.
+        let _permit = match permit.map_or_else(|| self.admit(), Ok) {
+            Ok(permit) => permit,
+            Err(requeue) => return Ok(requeue),
+        };
         let flow = spec.flow.name();
         let minted = match self.mint(spec).await {
             Ok(record) => record,

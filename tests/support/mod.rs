@@ -101,6 +101,12 @@ impl<'a> Env<'a> {
     /// Starts one more operator process for this namespace with extra flags; its log joins
     /// `operator_log`.
     pub fn spawn_operator(&mut self, extra_args: &[&str]) -> OperatorProcess {
+        let namespaces = [self.namespace.clone()];
+        self.spawn_operator_watching(&namespaces, extra_args)
+    }
+
+    /// As `spawn_operator`, watching `namespaces` (empty: all, as one controller).
+    pub fn spawn_operator_watching(&mut self, namespaces: &[String], extra_args: &[&str]) -> OperatorProcess {
         let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
         let log_path = self.logs.path().join(format!("operator-{run}.log"));
         let args: Vec<&str> = ["--concurrency", "4"].iter().chain(extra_args).copied().collect();
@@ -110,7 +116,7 @@ impl<'a> Env<'a> {
                 .operator_kubeconfig
                 .as_deref()
                 .unwrap_or(self.control_plane.kubeconfig_path()),
-            namespaces: std::slice::from_ref(&self.namespace),
+            namespaces,
             google: &self.google.base_url(),
             log_path,
             // Debug lines too, so the leak check covers everything the operator can log.

@@ -208,6 +208,12 @@ impl GoogleEmulator {
         self.shared.state().clock_offset = offset;
     }
 
+    /// Delays every `generateAccessToken` answer for service account `email` (faults included) by
+    /// `latency`, or by the endpoint's latency if that is longer: one identity that hangs.
+    pub fn set_service_account_latency(&self, email: &str, latency: Duration) {
+        self.shared.state().account_latencies.insert(email.to_owned(), latency);
+    }
+
     /// Delays every answer from `endpoint` (faults included) by `latency`.
     pub fn set_latency(&self, endpoint: Endpoint, latency: Duration) {
         self.shared.state().latencies.insert(endpoint, latency);

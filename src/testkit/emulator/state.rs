@@ -51,6 +51,8 @@ pub(super) struct State {
     pub(super) latencies: HashMap<Endpoint, Duration>,
     /// How far the emulator's clock is off the real one.
     pub(super) clock_offset: SignedDuration,
+    /// Service account email → latency of `generateAccessToken` calls for it.
+    pub(super) account_latencies: HashMap<String, Duration>,
     pub(super) faults: HashMap<Endpoint, VecDeque<Fault>>,
     pub(super) providers: HashSet<String>,
     /// Service account email → principals allowed to impersonate it.
@@ -70,13 +72,19 @@ pub(super) struct State {
 impl State {
     /// Logs a request and hands out what is scripted for it: its latency and its next fault.
     pub(super) fn admit(&mut self, request: RecordedRequest) -> (Duration, Option<Fault>) {
-        let endpoint = request.endpoint;
-        self.requests.push(request);
-        let Some(endpoint) = endpoint else {
+        let Some(endpoint) = request.endpoint else {
+            self.requests.push(request);
             return (Duration::ZERO, None);
         };
-        let latency = self.latencies.get(&endpoint).copied().unwrap_or_default();
+        let mut latency = self.latencies.get(&endpoint).copied().unwrap_or_default();
+        if endpoint == Endpoint::GenerateAccessToken
+            && let Some(account) = impersonated_account(&request.path)
+            && let Some(slow) = self.account_latencies.get(account)
+        {
+            latency = latency.max(*slow);
+        }
         let fault = self.faults.get_mut(&endpoint).and_then(VecDeque::pop_front);
+        self.requests.push(request);
         (latency, fault)
     }
 
@@ -129,4 +137,10 @@ impl State {
             .get(email)
             .is_some_and(|callers| callers.iter().any(|c| c == "*" || c == principal))
     }
+}
+
+/// The account of a `generateAccessToken` path, `.../serviceAccounts/{account}:generateAccessToken`.
+fn impersonated_account(path: &str) -> Option<&str> {
+    let (_, rest) = path.split_once("/serviceAccounts/")?;
+    rest.split_once(':').map(|(account, _)| account)
 }
