@@ -214,25 +214,20 @@ mod tests {
         let t0 = Timestamp::from_second(1_800_000_000).unwrap();
         let later = crate::refresh::later(t0, SERIES_WINDOW + Duration::from_secs(1));
         let mut series = Series::default();
-        for i in 0..200 {
+        let mut add = |i: usize, at: Timestamp| {
             let entry = SeriesEntry {
                 event_name: format!("e{i}"),
                 count: 1,
-                last: t0,
+                last: at,
             };
             series.entries.insert(key(&format!("r{i}")), entry);
-            series.sweep(t0);
-        }
-        assert_eq!(series.entries.len(), 200, "nothing expired yet");
-        for i in 200..400 {
-            let entry = SeriesEntry {
-                event_name: format!("e{i}"),
-                count: 1,
-                last: later,
-            };
-            series.entries.insert(key(&format!("r{i}")), entry);
-            series.sweep(later);
-        }
+            series.sweep(at);
+            series.entries.len()
+        };
+        let fresh: Vec<usize> = (0..200).map(|i| add(i, t0)).collect();
+        assert_eq!(fresh.last(), Some(&200), "nothing expired yet");
+        let later_sizes: Vec<usize> = (200..400).map(|i| add(i, later)).collect();
+        assert!(later_sizes.iter().any(|n| *n < 200), "the expired ones were swept");
         assert!(series.entries.len() < 300, "{}", series.entries.len());
         assert!(series.entries.values().all(|e| e.last == later));
     }

@@ -24,7 +24,7 @@ fn impersonation_spec() -> serde_json::Value {
     })
 }
 
-async fn warning_events(env: &Env<'_>, reason: &str) -> usize {
+async fn events_with_reason(env: &Env<'_>, reason: &str) -> usize {
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
     let list = events.list(&ListParams::default()).await.expect("listing events");
     list.items
@@ -88,8 +88,8 @@ async fn an_expired_answer_is_a_failure_not_a_mint_loop() {
     let first = Instant::now();
     tokio::time::sleep(Duration::from_secs(20)).await;
     let calls = env.google.calls(Endpoint::GenerateAccessToken);
-    let events = warning_events(&env, "UnusableToken").await;
-    let issued = warning_events(&env, "Issued").await;
+    let events = events_with_reason(&env, "UnusableToken").await;
+    let issued = events_with_reason(&env, "Issued").await;
     eprintln!(
         "expired answers over {:.0?}: {calls} generateAccessToken calls, {events} UnusableToken Events, {issued} Issued Events",
         first.elapsed()
@@ -140,7 +140,51 @@ async fn names_longer_than_a_label_get_their_secret() {
         1,
         "one mint, not one per retry"
     );
+    assert_eq!(
+        events_with_reason(&env, "Issued").await,
+        1,
+        "its Event has a valid name too"
+    );
     env.assert_no_token_leaked().await;
+}
+
+/// A spec with many long invalid values: the message is cut, so the status write and the Event
+/// (whose note the apiserver limits to 1 KiB) both still go through.
+#[tokio::test]
+async fn a_long_list_of_problems_still_reaches_status_and_events() {
+    let mut env = Env::new("problems").await;
+    env.start_operator();
+    let long = "X".repeat(250);
+    let spec = json!({
+        "flow": {"impersonation": {"serviceAccount": long, "scopes": [long], "delegates": [long, long]}},
+        "source": {"secret": {"name": long, "key": long}},
+        "secret": {"name": long, "tokenKey": long},
+    });
+    env.create("noisy", spec).await;
+    let tr = env.wait_reason("noisy", "InvalidSpec").await;
+    let message = &ready_condition(&tr).unwrap().message;
+    assert!(message.len() <= 1000, "{}", message.len());
+    assert!(message.ends_with('…'), "{message}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let deadline = Instant::now() + WAIT;
+    let note = loop {
+        let list = events.list(&ListParams::default()).await.unwrap();
+        if let Some(event) = list
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("InvalidSpec"))
+        {
+            break event.note.unwrap_or_default();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no InvalidSpec Event; log:\n{}",
+            env.operator_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(note.len() <= 1000, "{}", note.len());
+    assert!(!env.operator_log().contains("publishing an event failed"));
 }
 
 /// A Secret's type is immutable: changing `spec.secret.type` replaces the Secret (a new uid), at

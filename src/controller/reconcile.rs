@@ -80,7 +80,7 @@ enum Failure {
         source: kube::Error,
     },
     /// A Secret of the target name appeared that is not this TokenRequest's: left untouched.
-    #[error("Secret {name:?} exists and is not owned by this TokenRequest; it is left untouched")]
+    #[error("Secret {name} exists and is not owned by this TokenRequest; it is left untouched")]
     SecretTaken { name: String },
     #[error("Secret {name:?} was deleted while being written; it is created again")]
     SecretGone { name: String },
@@ -321,19 +321,9 @@ impl<'a> Reconciler<'a> {
         {
             return Ok(self.classify(cached));
         }
-        // Not in the cache of labelled Secrets. Where this TokenRequest never held a token in it
-        // nor met someone else's there, it is taken to be absent: the create that follows fails if
-        // it is not, and the Secret is judged then (which saves a read per new TokenRequest).
-        let known = self.status.secret_name.as_deref() == Some(name)
-            || self
-                .tr
-                .ready_condition()
-                .is_some_and(|c| c.reason == Reason::SecretConflict.as_str());
-        if !known {
-            return Ok(Existing::Missing);
-        }
-        // Absent, stripped of its label, someone else's, or cached without its contents because
-        // it grew too large: read it live.
+        // Not in the cache of labelled Secrets (absent, stripped of its label, or someone else's),
+        // or cached without its contents because it grew too large: read it live. (Assuming it
+        // absent would save the read, but mint a token for a name someone else holds.)
         self.read_secret(name).await.map_err(|source| Error::ReadSecret {
             name: name.into(),
             source,
