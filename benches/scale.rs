@@ -45,7 +45,8 @@ struct Args {
     /// TokenRequests refreshing continuously during the steady-state window.
     #[arg(long, default_value_t = 500)]
     steady_count: usize,
-    /// Token lifetime in the steady-state phase (seconds).
+    /// Token lifetime in the steady-state phase (seconds); at least 11, as the operator refuses a
+    /// token that expires within 10 s of its arrival.
     #[arg(long, default_value_t = 15)]
     steady_lifetime: u64,
     /// Length of the steady-state measurement window (seconds).
@@ -72,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
         Args {
             count: 10,
             steady_count: 5,
-            steady_lifetime: 6,
+            steady_lifetime: 12,
             steady_window: 5,
             ..Args::parse_from(["scale"])
         }
@@ -109,6 +110,8 @@ struct Bench<'a> {
 /// apiserver write counters, from its own metrics.
 #[derive(Clone, Copy, Debug, Default)]
 struct Writes {
+    /// Creates of the operator's Secrets (each new one is created, then applied).
+    secret_creates: f64,
     secrets: f64,
     statuses: f64,
     events: f64,
@@ -173,6 +176,10 @@ impl<'a> Bench<'a> {
             format!("{:.2}", calls as f64 / n as f64),
         );
         row(
+            "Secret creates per TokenRequest",
+            format!("{:.2}", writes.secret_creates / n as f64),
+        );
+        row(
             "Secret applies per TokenRequest",
             format!("{:.2}", writes.secrets / n as f64),
         );
@@ -209,8 +216,8 @@ impl<'a> Bench<'a> {
             format!("{}", self.google.requests().len() - calls_before),
         );
         row(
-            "restart: Secret applies + status patches",
-            format!("{}", writes.secrets + writes.statuses),
+            "restart: Secret creates + applies + status patches",
+            format!("{}", writes.secret_creates + writes.secrets + writes.statuses),
         );
         row(&format!("peak RSS after restart (N = {n})"), rss(&operator));
         drop(operator);
@@ -460,6 +467,7 @@ impl<'a> Bench<'a> {
         // Server-side apply is counted under the verb APPLY, other patches under PATCH.
         let patches = |resource, subresource| sum("APPLY", resource, subresource) + sum("PATCH", resource, subresource);
         Ok(Writes {
+            secret_creates: sum("POST", "secrets", ""),
             secrets: patches("secrets", ""),
             statuses: patches("tokenrequests", "status"),
             events: sum("POST", "events", "") + sum("PATCH", "events", ""),
@@ -470,6 +478,7 @@ impl<'a> Bench<'a> {
 impl Writes {
     fn since(self, before: Writes) -> Writes {
         Writes {
+            secret_creates: self.secret_creates - before.secret_creates,
             secrets: self.secrets - before.secrets,
             statuses: self.statuses - before.statuses,
             events: self.events - before.events,

@@ -1,7 +1,7 @@
 //! Property tests over the pure core: whatever a tenant writes into a TokenRequest or a Secret,
 //! and whatever Google answers, validation, refresh and backoff math, rendering and the Secret
 //! cache neither panic nor break their invariants. Bounded case counts keep CI fast
-//! (`PROPTEST_CASES` raises them locally).
+//! (256 each; `PROPTEST_CASES` raises them).
 
 use std::time::Duration;
 
@@ -18,10 +18,6 @@ use kube::ResourceExt;
 use proptest::prelude::*;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-
-fn config() -> ProptestConfig {
-    ProptestConfig::with_cases(256)
-}
 
 /// Strings as a tenant writes them: empty, ordinary, absurd (control characters, non-ASCII,
 /// path characters), numbers too large for any integer, and long ones up to 64 KiB.
@@ -139,9 +135,8 @@ fn token_request(spec: TokenRequestSpec) -> TokenRequest {
     tr
 }
 
+// proptest's default: 256 cases, or `PROPTEST_CASES`.
 proptest! {
-    #![proptest_config(config())]
-
     /// Any spec is either valid, with every duration inside its documented bounds, or
     /// InvalidSpec with a message of bounded size; validation never panics.
     #[test]

@@ -41,8 +41,10 @@ use crate::{
 };
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-/// Secrets per list page: at most this many whole Secrets are in memory at once while listing.
-const SECRET_PAGE_SIZE: u32 = 10;
+/// Secrets per list page: at most this many whole Secrets are in memory at once while listing
+/// (before trimming). Smaller pages cost a relist time: at 10,000 Secrets, 10 a page took 75 s
+/// where 500 took 5 s on the benchmark machine.
+const SECRET_PAGE_SIZE: u32 = 50;
 
 /// The one field manager for every write the operator makes.
 pub const FIELD_MANAGER: &str = "gcp-token-operator";
