@@ -150,8 +150,10 @@ async fn refreshes_overdue_after_downtime_are_spread_not_fired_together() {
         })
         .max()
         .unwrap();
+    // Without the spread all ten come within a second. The offsets are hashes of names with a
+    // random namespace in them, so by chance up to about five can share one second.
     assert!(
-        most_in_one_second <= 4,
+        most_in_one_second <= 6,
         "{most_in_one_second} refreshes within one second"
     );
     env.assert_no_token_leaked().await;
