@@ -15,14 +15,6 @@ use serde_json::json;
 use support::*;
 
 const SA_EMAIL: &str = "builder@proj.iam.gserviceaccount.com";
-const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
-
-fn impersonation_spec() -> serde_json::Value {
-    json!({
-        "flow": {"impersonation": {"serviceAccount": SA_EMAIL, "scopes": [CLOUD_PLATFORM]}},
-        "source": {"secret": {"name": "caller", "key": "token"}},
-    })
-}
 
 async fn events_with_reason(env: &Env<'_>, reason: &str) -> usize {
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
@@ -41,7 +33,7 @@ async fn a_huge_duration_is_invalid_and_the_operator_serves_on() {
     let mut env = Env::new("overflow").await;
     env.prepare_impersonation(SA_EMAIL, Duration::from_secs(3600)).await;
     env.start_operator();
-    env.create("victim", impersonation_spec()).await;
+    env.create("victim", impersonation_from_caller(SA_EMAIL)).await;
     env.wait_ready("victim").await;
 
     let patch = json!({"spec": {"refresh": {"renewBefore": "18446744073709551615s"}}});
@@ -64,7 +56,7 @@ async fn a_huge_duration_is_invalid_and_the_operator_serves_on() {
     let message = &ready_condition(&tr).unwrap().message;
     assert!(message.contains("between 1s and 12h"), "{message}");
 
-    env.create("bystander", impersonation_spec()).await;
+    env.create("bystander", impersonation_from_caller(SA_EMAIL)).await;
     env.wait_ready("bystander").await;
     let operator = env.operator.as_mut().unwrap();
     assert!(operator.get("/healthz").await.is_ok(), "the operator still answers");
@@ -79,7 +71,7 @@ async fn an_expired_answer_is_a_failure_not_a_mint_loop() {
     let mut env = Env::new("expired").await;
     env.prepare_impersonation(SA_EMAIL, Duration::ZERO).await;
     env.start_operator();
-    env.create("stale", impersonation_spec()).await;
+    env.create("stale", impersonation_from_caller(SA_EMAIL)).await;
     let tr = env.wait_reason("stale", "UnusableToken").await;
     assert_eq!(ready_status(&tr), Some("False"));
     assert!(fingerprint(&tr).is_none());
@@ -121,7 +113,7 @@ async fn names_longer_than_a_label_get_their_secret() {
     env.start_operator();
     let long = format!("{}.{}", "a".repeat(120), "b".repeat(132));
     assert_eq!(long.len(), 253);
-    env.create(&long, impersonation_spec()).await;
+    env.create(&long, impersonation_from_caller(SA_EMAIL)).await;
     env.wait_ready(&long).await;
     let secret = env.secret(&long).await;
     let label = &secret.labels()[render::TOKEN_REQUEST_LABEL];
@@ -194,7 +186,7 @@ async fn a_type_change_replaces_the_secret() {
     let mut env = Env::new("retype").await;
     env.prepare_impersonation(SA_EMAIL, Duration::from_secs(3600)).await;
     env.start_operator();
-    env.create("pull", impersonation_spec()).await;
+    env.create("pull", impersonation_from_caller(SA_EMAIL)).await;
     env.wait_ready("pull").await;
     let before = env.secret("pull").await;
     assert_eq!(before.type_.as_deref(), Some("Opaque"));
@@ -222,7 +214,7 @@ async fn an_immutable_secret_is_replaced_at_refresh() {
     let mut env = Env::new("immutable").await;
     env.prepare_impersonation(SA_EMAIL, Duration::from_secs(20)).await;
     env.start_operator();
-    env.create("frozen", impersonation_spec()).await;
+    env.create("frozen", impersonation_from_caller(SA_EMAIL)).await;
     let tr = env.wait_ready("frozen").await;
     let first = fingerprint(&tr).unwrap();
     let patch = json!({"immutable": true});
@@ -302,7 +294,7 @@ async fn a_rename_after_failures_removes_the_old_secret() {
     let mut env = Env::new("rename").await;
     env.prepare_impersonation(SA_EMAIL, Duration::from_secs(3600)).await;
     env.start_operator();
-    let mut spec = impersonation_spec();
+    let mut spec = impersonation_from_caller(SA_EMAIL);
     spec["secret"] = json!({"name": "old"});
     env.create("moving", spec).await;
     env.wait_ready("moving").await;
@@ -355,7 +347,7 @@ async fn labelled_secrets_of_others_do_not_fill_memory() {
     for i in SECRETS / 2..SECRETS {
         env.secrets().create(&PostParams::default(), &junk(i)).await.unwrap();
     }
-    env.create("real", impersonation_spec()).await;
+    env.create("real", impersonation_from_caller(SA_EMAIL)).await;
     env.wait_ready("real").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let operator = env.operator.as_ref().unwrap();

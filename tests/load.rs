@@ -13,14 +13,6 @@ use serde_json::json;
 use support::*;
 
 const SA_EMAIL: &str = "runner@proj.iam.gserviceaccount.com";
-const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
-
-fn impersonation_spec(service_account: &str) -> serde_json::Value {
-    json!({
-        "flow": {"impersonation": {"serviceAccount": service_account, "scopes": [CLOUD_PLATFORM]}},
-        "source": {"secret": {"name": "caller", "key": "token"}},
-    })
-}
 
 /// A Google service account per TokenRequest: identical calls would be made once for all.
 fn service_account(n: usize) -> String {
@@ -60,7 +52,7 @@ async fn each_google_endpoint_has_its_own_rate_and_pushback() {
     env.operator = Some(env.spawn_operator(&["--google-rate-limit", "sts=2,iamcredentials=50", "--google-burst", "1"]));
     for n in 0..EACH {
         env.create(&format!("wif-{n}"), sts_spec(n)).await;
-        env.create(&format!("sa-{n}"), impersonation_spec(&service_account(n)))
+        env.create(&format!("sa-{n}"), impersonation_from_caller(&service_account(n)))
             .await;
     }
     for n in 0..EACH {
@@ -101,7 +93,7 @@ async fn refreshes_overdue_after_downtime_are_spread_not_fired_together() {
     env.start_operator();
     for n in 0..COUNT {
         env.google.add_service_account(&service_account(n), &["*"]);
-        let mut spec = impersonation_spec(&service_account(n));
+        let mut spec = impersonation_from_caller(&service_account(n));
         // Refresh halfway: at about 30 s of a 60 s token (less up to 3 s of jitter).
         spec["refresh"] = json!({"renewBeforePercentage": 50});
         env.create(&format!("tr-{n}"), spec).await;
@@ -169,7 +161,7 @@ async fn a_namespace_starts_no_more_mints_than_its_rate_and_reports_nothing_mean
     }
     env.operator = Some(env.spawn_operator(&["--namespace-rate-limit", "2"]));
     for n in 0..COUNT {
-        env.create(&format!("tr-{n}"), impersonation_spec(&service_account(n)))
+        env.create(&format!("tr-{n}"), impersonation_from_caller(&service_account(n)))
             .await;
     }
     for n in 0..COUNT {

@@ -19,15 +19,7 @@ use serde_json::json;
 use support::*;
 
 const SA_EMAIL: &str = "app@proj.iam.gserviceaccount.com";
-const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 const ANNOTATION: &str = "restart.gcptoken.dev/app-token";
-
-fn impersonation_spec() -> serde_json::Value {
-    json!({
-        "flow": {"impersonation": {"serviceAccount": SA_EMAIL, "scopes": [CLOUD_PLATFORM]}},
-        "source": {"secret": {"name": "caller", "key": "token"}},
-    })
-}
 
 fn previous_token(secret: &k8s_openapi::api::core::v1::Secret) -> Option<String> {
     let bytes = secret.data.as_ref()?.get("token.previous")?;
@@ -39,7 +31,7 @@ async fn the_previous_token_stays_until_it_expires() {
     let mut env = Env::new("previous").await;
     env.prepare_impersonation(SA_EMAIL, Duration::from_secs(20)).await;
     env.start_operator();
-    env.create("app-token", impersonation_spec()).await;
+    env.create("app-token", impersonation_from_caller(SA_EMAIL)).await;
     let first = env.wait_ready("app-token").await;
     let first_expiry = first.status.as_ref().unwrap().expiration_time.clone().unwrap().0;
     let first_token = secret_token(&env.secret("app-token").await);
@@ -130,7 +122,7 @@ async fn rollout_restarts_follow_token_changes_at_most_once_per_interval() {
     env.prepare_impersonation(SA_EMAIL, Duration::from_secs(20)).await;
     create_workloads(&env).await;
     env.start_operator();
-    let mut spec = impersonation_spec();
+    let mut spec = impersonation_from_caller(SA_EMAIL);
     spec["rolloutRestartTargets"] = json!([
         {"kind": "Deployment", "name": "web"},
         {"kind": "StatefulSet", "name": "db"},

@@ -307,6 +307,15 @@ impl<'a> Env<'a> {
     }
 }
 
+/// Impersonation of `service_account` with the caller token that `prepare_impersonation` stores.
+pub fn impersonation_from_caller(service_account: &str) -> Value {
+    serde_json::json!({
+        "flow": {"impersonation": {"serviceAccount": service_account,
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}},
+        "source": {"secret": {"name": "caller", "key": "token"}},
+    })
+}
+
 pub fn ready_condition(tr: &TokenRequest) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     tr.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")
 }
