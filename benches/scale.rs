@@ -14,13 +14,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt, stream};
-use gcp_token_operator::{
-    crd::TokenRequest,
-    testkit::{
-        control_plane::{ControlPlane, apply_crds, create_namespace},
-        emulator::{Endpoint, GoogleEmulator},
-        operator::{OperatorOptions, OperatorProcess},
-    },
+use gcp_token_operator::crd::TokenRequest;
+use gcp_token_operator_testkit::{
+    control_plane::{ControlPlane, apply_crds, create_namespace},
+    emulator::{Endpoint, GoogleEmulator},
+    operator::{OperatorOptions, OperatorProcess},
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::{

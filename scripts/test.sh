@@ -1,12 +1,33 @@
 #!/usr/bin/env bash
 # The project's one test command (README "Testing"; .ci/run calls it). On a fresh Debian machine
-# it installs what is missing, builds or reuses the cached control plane, then runs formatting,
-# lints and every test, including the ones against the real control plane and the Google emulator.
+# with Rust and Go it installs what is missing, builds or reuses the cached test substrate
+# (Kubernetes, etcd, kubectl and Helm from the Go module proxy), then runs formatting, lints and
+# every test, including the ones against the real control plane and the Google emulator.
+#
+#   scripts/test.sh                        every test on the newest pinned Kubernetes minor; with
+#                                          CI=true or --all-versions, then the end-to-end operator,
+#                                          CRD, chart and example tests on every other pinned minor
+#   scripts/test.sh --kube-version 1.34    every test on Kubernetes 1.34 only (also KUBE_VERSION=1.34)
+#   scripts/test.sh -- NAME_FILTER         arguments after `--` go to the test binaries
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { echo "== $*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+kube_version=${KUBE_VERSION:-}
+all_versions=${CI:-false}
+while [ $# -gt 0 ]; do
+  case $1 in
+    --kube-version) kube_version=${2:?--kube-version needs a minor such as 1.34}; shift 2 ;;
+    --kube-version=*) kube_version=${1#*=}; shift ;;
+    --all-versions) all_versions=true; shift ;;
+    --) shift; break ;;
+    *) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
+  esac
+done
+# An explicit version is the whole run.
+[ -n "$kube_version" ] && all_versions=false
 
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 for component in rustfmt clippy; do
@@ -15,41 +36,51 @@ for component in rustfmt clippy; do
     rustup component add "$component"
   fi
 done
-if ! command -v kubectl >/dev/null; then
-  log "installing kubectl (Debian's kubernetes-client)"
-  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client
+# flock serialises substrate builds.
+if ! command -v flock >/dev/null; then
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq util-linux
 fi
-
-# The chart tests drive Helm's Go library through helm-sdkpy (there is no helm binary in the
-# package registries); it lives in a virtualenv of its own, so no system Python is touched.
-helm_python="${XDG_CACHE_HOME:-$HOME/.cache}/gcp-token-operator/helm-sdkpy"
-if ! "$helm_python/bin/python" -c 'import helm_sdkpy' 2>/dev/null; then
-  log "installing helm-sdkpy into $helm_python"
-  if ! python3 -c 'import ensurepip' 2>/dev/null; then
-    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv
-  fi
-  python3 -m venv "$helm_python"
-  # It declares Python >= 3.12 but works on Debian 12's 3.11.
-  "$helm_python/bin/pip" install -q --ignore-requires-python helm-sdkpy==0.1.32
-fi
-export GCP_TOKEN_OPERATOR_PYTHON="$helm_python/bin/python"
 
 # Build artifacts live outside the repository so that fresh clones (CI) start warm.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gcp-token-operator/target}"
 
 started=$(date +%s)
-log "control plane binaries"
-if ! assets=$(scripts/control-plane-binaries.sh); then
-  echo "FAILED: the control plane binaries could not be built or found; see the messages above" >&2
-  exit 1
-fi
-export KUBEBUILDER_ASSETS="$assets"
-log "control plane binaries in $KUBEBUILDER_ASSETS ($(( $(date +%s) - started ))s)"
+substrate() {
+  local assets
+  if ! assets=$(KUBE_VERSION=$1 testkit/substrate.sh); then
+    echo "FAILED: the test substrate for Kubernetes ${1:-newest} could not be built; see the messages above" >&2
+    exit 1
+  fi
+  echo "$assets"
+}
+log "test substrate"
+KUBEBUILDER_ASSETS=$(substrate "$kube_version")
+export KUBEBUILDER_ASSETS
+newest=$("$KUBEBUILDER_ASSETS/kube-apiserver" --version)
+log "substrate in $KUBEBUILDER_ASSETS ($(( $(date +%s) - started ))s): $newest, $("$KUBEBUILDER_ASSETS/etcd" --version | head -1), Helm $("$KUBEBUILDER_ASSETS/helm" version --short)"
 
-log "cargo fmt --check"
+log "cargo fmt --check, gofmt"
 cargo fmt --all -- --check
+unformatted=$(gofmt -l testkit)
+[ -z "$unformatted" ] || { echo "gofmt: $unformatted" >&2; exit 1; }
 log "cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
-log "cargo test"
-cargo test --all-targets --locked -- "$@"
-log "done in $(( $(date +%s) - started ))s"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "cargo test, every test on $newest"
+cargo test --workspace --all-targets --locked -- "$@"
+tested=("$newest")
+
+if [ "$all_versions" = true ]; then
+  newest_minor=$(echo "$newest" | sed 's/.*v\(1\.[0-9]*\).*/\1/')
+  for pin in testkit/kube/v1.*; do
+    minor=${pin##*/v}
+    [ "$minor" = "$newest_minor" ] && continue
+    log "test substrate for Kubernetes $minor"
+    KUBEBUILDER_ASSETS=$(substrate "$minor")
+    version=$("$KUBEBUILDER_ASSETS/kube-apiserver" --version)
+    log "cargo test, the end-to-end operator, CRD, chart and example tests on $version"
+    cargo test --locked -p gcp-token-operator --test operator --test crd --test chart --test examples -- "$@"
+    cargo test --locked -p gcp-token-operator-testkit --test substrate -- "$@"
+    tested+=("$version")
+  done
+fi
+log "done in $(( $(date +%s) - started ))s; tested on: ${tested[*]}"

@@ -109,6 +109,38 @@ pub fn duration_pattern() -> String {
     )
 }
 
+/// The CEL rule of a one-of group: exactly one of `fields` is set. Its message names the fields that
+/// are set (names only, never values):
+/// `exactly one of sts, impersonation must be set, but these are set: sts impersonation`.
+///
+/// The message is built by concatenating literals only: the apiserver's cost estimate of list
+/// functions such as `filter` and `join` in a message exceeds the CRD's budget many times over.
+pub fn one_of(fields: &[&str]) -> kube::core::Rule {
+    let count = format!(
+        "[{}].filter(x, x).size()",
+        fields
+            .iter()
+            .map(|f| format!("has(self.{f})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let set_names: Vec<String> = fields
+        .iter()
+        .map(|f| format!("(has(self.{f}) ? ' {f}' : '')"))
+        .collect();
+    let all = fields.join(", ");
+    kube::core::Rule::new(format!("{count} == 1")).message(kube::core::Message::Expression(format!(
+        "'exactly one of {all} must be set, but ' + \
+         (!({}) ? 'none is' : 'these are set:' + {})",
+        fields
+            .iter()
+            .map(|f| format!("has(self.{f})"))
+            .collect::<Vec<_>>()
+            .join(" || "),
+        set_names.join(" + ")
+    )))
+}
+
 /// Bounds a string map: its number of entries and the length of its values in the schema, the
 /// length of its keys in a CEL rule (structural schemas cannot bound keys otherwise).
 struct BoundedMap {
@@ -169,7 +201,8 @@ fn bounded_conditions(schema: &mut Schema) {
     category = "gcptoken",
     printcolumn = r#"{"name":"Flow","type":"string","jsonPath":".status.flow"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    // Times, not `date` columns: kubectl shows a future date as `<invalid>`.
+    // Times, not `date` columns: a `date` cell is the age of the time, and the apiserver (up to
+    // 1.37 at least: apimachinery's HumanDuration) renders every future time as `<invalid>`.
     printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expirationTime"}"#,
     printcolumn = r#"{"name":"Next Refresh","type":"string","jsonPath":".status.nextRefreshTime"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -227,9 +260,7 @@ impl WorkloadKind {
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new(
-    "[has(self.sts), has(self.impersonation), has(self.developerConnect), has(self.discoveryEngine)].filter(x, x).size() == 1"
-).message("exactly one of sts, impersonation, developerConnect, discoveryEngine must be set"))]
+#[x_kube(validation = one_of(&["sts", "impersonation", "developerConnect", "discoveryEngine"]))]
 pub struct FlowSpec {
     /// Security Token Service token exchange (RFC 8693), e.g. Workload Identity Federation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -257,8 +288,7 @@ pub struct StsFlow {
     #[schemars(length(max = bound::SCOPES), inner(length(max = bound::SCOPE)))]
     pub scopes: Vec<String>,
     /// The type of the subject token. Default: `urn:ietf:params:oauth:token-type:jwt`.
-    // Not an Option: a nullable enum puts `null` among the enum values, which Kubernetes 1.20
-    // rejects in a CRD.
+    // Not an Option: the schema states the default, and no `null` joins the enum's values.
     #[serde(default)]
     pub subject_token_type: SubjectTokenType,
     /// A Credential Access Boundary that downscopes the issued token.
@@ -410,9 +440,7 @@ pub struct DiscoveryEngineFlow {
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new(
-    "[has(self.serviceAccountToken), has(self.secret), has(self.tokenRequest), has(self.ambient)].filter(x, x).size() == 1"
-).message("exactly one of serviceAccountToken, secret, tokenRequest, ambient must be set"))]
+#[x_kube(validation = one_of(&["serviceAccountToken", "secret", "tokenRequest", "ambient"]))]
 pub struct SourceSpec {
     /// A Kubernetes ServiceAccount token minted with the TokenRequest API; only as an STS subject token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -494,9 +522,7 @@ impl SecretFormat {
 /// The subject token of an `externalAccount` file. Exactly one member must be set.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new(
-    "[has(self.serviceAccountToken), has(self.secret)].filter(x, x).size() == 1"
-).message("exactly one of serviceAccountToken, secret must be set"))]
+#[x_kube(validation = one_of(&["serviceAccountToken", "secret"]))]
 pub struct SubjectTokenSource {
     /// A ServiceAccount token of this namespace; its audience defaults to the file's `audience`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

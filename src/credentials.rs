@@ -651,7 +651,6 @@ mod tests {
         assert!(parse_file(&file(&largest), SecretFormat::Auto).is_ok());
     }
 
-    #[cfg(feature = "testkit")]
     #[tokio::test]
     async fn assertion_is_signed_with_the_key_and_names_it() {
         use jsonwebtoken::{DecodingKey, Validation};

@@ -24,9 +24,6 @@ pub mod status;
 pub mod telemetry;
 pub mod validation;
 
-#[cfg(feature = "testkit")]
-pub mod testkit;
-
 /// The CRD as YAML, as `gcp-token-operator crd` prints it and `crds/` holds it.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;

@@ -554,11 +554,11 @@ async fn mint_service_account_token(
 ) -> Result<Credential, SourceError> {
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
     let request = KubeTokenRequest {
-        spec: KubeTokenRequestSpec {
-            audiences: vec![audience.to_string()],
+        spec: Some(KubeTokenRequestSpec {
+            audiences: Some(vec![audience.to_string()]),
             expiration_seconds: Some(expiration_seconds),
-            bound_object_ref: None,
-        },
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let response: KubeTokenRequest = api
@@ -571,11 +571,12 @@ async fn mint_service_account_token(
                 source: e,
             },
         })?;
-    let status = response.status.filter(|s| !s.token.is_empty());
-    let status = status.ok_or_else(|| SourceError::EmptyServiceAccountToken { name: name.into() })?;
+    let status = response.status.unwrap_or_default();
+    let token = status.token.filter(|token| !token.is_empty());
+    let token = token.ok_or_else(|| SourceError::EmptyServiceAccountToken { name: name.into() })?;
     Ok(Credential::given(
-        SecretString::from(status.token),
-        Some(status.expiration_timestamp.0),
+        SecretString::from(token),
+        status.expiration_timestamp.map(|time| time.0),
     ))
 }
 

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use gcp_token_operator::testkit::{control_plane::ControlPlane, emulator::Endpoint};
+use gcp_token_operator_testkit::{control_plane::ControlPlane, emulator::Endpoint};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 use support::*;

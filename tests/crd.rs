@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use gcp_token_operator::{
     crd::{TokenRequest, bound},
     crd_yaml,
-    testkit::control_plane::{ControlPlane, apply_crds, create_namespace, create_service_account},
 };
+use gcp_token_operator_testkit::control_plane::{ControlPlane, apply_crds, create_namespace, create_service_account};
 use k8s_openapi::api::{
     core::v1::{ResourceQuota, Secret},
     rbac::v1::{Role, RoleBinding, Subject},
@@ -74,7 +74,7 @@ fn schema_carries_names_columns_and_rules() {
     assert_eq!(sat["minimum"].as_f64(), Some(600.0));
     let types = &props["secret"]["properties"]["type"]["enum"];
     assert_eq!(types, &serde_json::json!(["Opaque", "kubernetes.io/dockerconfigjson"]));
-    // No `null` among the values: Kubernetes 1.20 rejects a CRD with a nullable enum.
+    // No `null` among the values: the default is spelled out instead.
     let formats = &props["source"]["properties"]["secret"]["properties"]["format"]["enum"];
     assert_eq!(
         formats,
@@ -315,47 +315,53 @@ async fn the_api_server_refuses_oversized_values_and_accepts_values_at_the_bound
     let refused = [
         (
             json!({"flow": {"impersonation": {"scopes": strings(64, 8)}}}),
-            ("spec.flow.impersonation.scopes", "at most 32 items"),
+            ("spec.flow.impersonation.scopes", "must have at most 32 items"),
         ),
         (
             json!({"flow": {"impersonation": {"scopes": [long(bound::SCOPE + 1)]}}}),
-            ("spec.flow.impersonation.scopes", "at most 256 chars"),
+            ("spec.flow.impersonation.scopes[0]", "may not be more than 256 bytes"),
         ),
         (
             json!({"flow": {"impersonation": {"delegates": strings(bound::DELEGATES + 1, 20)}}}),
-            ("spec.flow.impersonation.delegates", "at most 10 items"),
+            ("spec.flow.impersonation.delegates", "must have at most 10 items"),
         ),
         (
             json!({"flow": {"impersonation": {"serviceAccount": format!("{}@p.iam.gserviceaccount.com", long(240))}}}),
-            ("spec.flow.impersonation.serviceAccount", "at most 254 chars"),
+            (
+                "spec.flow.impersonation.serviceAccount",
+                "may not be more than 254 bytes",
+            ),
         ),
         (
             json!({"secret": {"name": long(300)}}),
-            ("spec.secret.name", "at most 253 chars"),
+            ("spec.secret.name", "may not be more than 253 bytes"),
         ),
         (
             json!({"source": {"tokenRequest": {"name": long(300)}}}),
-            ("spec.source.tokenRequest.name", "at most 253 chars"),
+            ("spec.source.tokenRequest.name", "may not be more than 253 bytes"),
         ),
         (
             json!({"secret": {"labels": entries(bound::METADATA_ENTRIES + 1, 1)}}),
-            ("spec.secret.labels", "at most 32 properties"),
+            ("spec.secret.labels", "must have at most 32"),
         ),
         (
             json!({"secret": {"labels": entries(1, bound::LABEL_VALUE + 1)}}),
-            ("spec.secret.labels.example.com/key-0", "at most 63 chars"),
+            ("spec.secret.labels.example.com/key-0", "may not be more than 63 bytes"),
         ),
         (
             json!({"secret": {"annotations": entries(1, bound::ANNOTATION_VALUE + 1)}}),
-            ("spec.secret.annotations.example.com/key-0", "at most 2048 chars"),
+            (
+                "spec.secret.annotations.example.com/key-0",
+                "may not be more than 2048 bytes",
+            ),
         ),
         (
             json!({"secret": {"type": "kubernetes.io/dockerconfigjson", "registries": strings(bound::REGISTRIES + 1, 4)}}),
-            ("spec.secret.registries", "at most 64 items"),
+            ("spec.secret.registries", "must have at most 64 items"),
         ),
         (
             json!({"rolloutRestartTargets": (0..21).map(|i| json!({"kind": "Deployment", "name": format!("d{i}")})).collect::<Vec<_>>()}),
-            ("spec.rolloutRestartTargets", "at most 20 items"),
+            ("spec.rolloutRestartTargets", "must have at most 20 items"),
         ),
         // The review's overflowing duration, more digits than a duration may have, units beyond
         // days, and more than 32 characters.
@@ -373,7 +379,7 @@ async fn the_api_server_refuses_oversized_values_and_accepts_values_at_the_bound
         ),
         (
             json!({"rolloutRestartMinInterval": "1h".repeat(17)}),
-            ("spec.rolloutRestartMinInterval", "at most 32 chars"),
+            ("spec.rolloutRestartMinInterval", "may not be more than 32 bytes"),
         ),
     ];
     for (i, (patch, (path, expected))) in refused.iter().enumerate() {
@@ -451,9 +457,9 @@ async fn the_api_server_refuses_oversized_values_and_accepts_values_at_the_bound
         .await
         .unwrap_or_else(|e| panic!("a message at the bound was refused: {e}"));
     match patch_status(json!({"conditions": [condition(long(bound::CONDITION_MESSAGE + 1))]})).await {
-        // Kubernetes 1.20 names list items without their index.
         Err(kube::Error::Api(status)) => assert!(
-            status.message.contains("status.conditions.message") && status.message.contains("at most 32768 chars"),
+            status.message.contains("status.conditions[0].message")
+                && status.message.contains("may not be more than 32768 bytes"),
             "{}",
             status.message.replace(&long(100), "...")
         ),
@@ -569,4 +575,81 @@ async fn the_readmes_tenant_role_and_quota_do_what_it_says() {
         }
         other => panic!("TokenRequest {} of {limit} was not refused: {other:?}", limit + 1),
     }
+}
+
+/// The CRD's CEL rules, evaluated by the apiserver: `kubectl apply` of a TokenRequest that breaks a
+/// one-of group fails with the rule's message, naming the fields that are set, and stores nothing.
+#[tokio::test]
+async fn kubectl_apply_is_refused_by_the_crd_s_rules_with_their_messages() {
+    let control_plane = ControlPlane::shared();
+    let client = control_plane.client().await;
+    apply_crds(&client, &[TokenRequest::crd()]).await.unwrap();
+    let namespace = create_namespace(&client, "cel").await.unwrap();
+    let impersonation = json!({"serviceAccount": "target@project.iam.gserviceaccount.com",
+                               "scopes": ["https://www.googleapis.com/auth/cloud-platform"]});
+    let sts =
+        json!({"audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k"});
+    let token_source = json!({"serviceAccountToken": {"serviceAccountName": "default"}});
+    let cases = [
+        (
+            "two-flows",
+            json!({"flow": {"sts": sts, "impersonation": impersonation}, "source": token_source}),
+            "spec.flow: Invalid value",
+            "exactly one of sts, impersonation, developerConnect, discoveryEngine must be set, but these are set: sts impersonation",
+        ),
+        (
+            "no-flow",
+            json!({"flow": {}, "source": token_source}),
+            "spec.flow: Invalid value",
+            "exactly one of sts, impersonation, developerConnect, discoveryEngine must be set, but none is",
+        ),
+        (
+            "two-sources",
+            json!({"flow": {"impersonation": impersonation},
+                   "source": {"tokenRequest": {"name": "upstream"}, "ambient": {}}}),
+            "spec.source: Invalid value",
+            "exactly one of serviceAccountToken, secret, tokenRequest, ambient must be set, but these are set: tokenRequest ambient",
+        ),
+        (
+            "two-subject-tokens",
+            json!({"flow": {"sts": sts}, "source": {"secret": {"name": "wif", "key": "credentials.json", "subjectToken": {
+                "serviceAccountToken": {"serviceAccountName": "default"}, "secret": {"name": "jwt", "key": "token"}}}}}),
+            "spec.source.secret.subjectToken: Invalid value",
+            "exactly one of serviceAccountToken, secret must be set, but these are set: serviceAccountToken secret",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, spec, path, message) in &cases {
+        let file = dir.path().join(format!("{name}.yaml"));
+        let manifest = json!({"apiVersion": "gcptoken.dev/v1alpha1", "kind": "TokenRequest",
+                              "metadata": {"name": name}, "spec": spec});
+        std::fs::write(&file, serde_saphyr::to_string(&manifest).unwrap()).unwrap();
+        let output = control_plane
+            .kubectl()
+            .args(["apply", "--namespace", &namespace, "--filename"])
+            .arg(&file)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name} was admitted");
+        assert!(stderr.contains(path) && stderr.contains(message), "{name}: {stderr}");
+    }
+    let api: Api<TokenRequest> = Api::namespaced(client, &namespace);
+    assert!(api.list(&ListParams::default()).await.unwrap().items.is_empty());
+
+    // The same manifest with one flow and one source goes in.
+    let file = dir.path().join("valid.yaml");
+    let manifest = json!({"apiVersion": "gcptoken.dev/v1alpha1", "kind": "TokenRequest",
+                          "metadata": {"name": "valid"}, "spec": {"flow": {"sts": sts}, "source": token_source}});
+    std::fs::write(&file, serde_saphyr::to_string(&manifest).unwrap()).unwrap();
+    let output = control_plane
+        .kubectl()
+        .args(["apply", "--namespace", &namespace, "--filename"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(api.get_opt("valid").await.unwrap().is_some());
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use gcp_token_operator::testkit::emulator::{Endpoint, Fault, GoogleEmulator};
+use gcp_token_operator_testkit::emulator::{Endpoint, Fault, GoogleEmulator};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Client, RequestBuilder, Response};
 use serde_json::{Value, json};

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use gcp_token_operator::testkit::{control_plane::create_namespace, emulator::Endpoint};
+use gcp_token_operator_testkit::{control_plane::create_namespace, emulator::Endpoint};
 use kube::api::{DeleteParams, ListParams};
 use serde_json::json;
 use support::*;

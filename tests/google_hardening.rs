@@ -6,10 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use gcp_token_operator::{
-    google::MAX_RESPONSE_BODY,
-    testkit::emulator::{Endpoint, Fault, GoogleEmulator},
-};
+use gcp_token_operator::google::MAX_RESPONSE_BODY;
+use gcp_token_operator_testkit::emulator::{Endpoint, Fault, GoogleEmulator};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use support::*;

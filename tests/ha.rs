@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gcp_token_operator::testkit::{control_plane::create_service_account, operator::OperatorProcess};
+use gcp_token_operator_testkit::{control_plane::create_service_account, operator::OperatorProcess};
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,

@@ -5,7 +5,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use gcp_token_operator::{names, render, testkit::emulator::Endpoint};
+use gcp_token_operator::{names, render};
+use gcp_token_operator_testkit::emulator::Endpoint;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
     Api, ResourceExt,
@@ -314,7 +315,7 @@ async fn a_rename_after_failures_removes_the_old_secret() {
         .await;
     assert!(fingerprint(&tr).is_some());
     let log = || env.operator_log();
-    gcp_token_operator::testkit::control_plane::wait_for_deletion(&env.secrets(), "old", WAIT, &log)
+    gcp_token_operator_testkit::control_plane::wait_for_deletion(&env.secrets(), "old", WAIT, &log)
         .await
         .expect("the Secret under the old name goes");
     env.assert_no_token_leaked().await;

@@ -7,12 +7,10 @@ mod support;
 
 use std::path::PathBuf;
 
-use gcp_token_operator::{
-    crd::TokenRequest,
-    testkit::{
-        control_plane::{create_namespace, create_service_account},
-        emulator::Endpoint,
-    },
+use gcp_token_operator::crd::TokenRequest;
+use gcp_token_operator_testkit::{
+    control_plane::{create_namespace, create_service_account},
+    emulator::Endpoint,
 };
 use k8s_openapi::api::{
     core::v1::Secret,
@@ -340,7 +338,8 @@ async fn the_operator_s_own_service_account_token_is_never_a_source() {
     let tenants = Tenants::start("own").await;
     let (tenant, own) = (&tenants.env, tenants.in_operator_namespace());
     tenant.google.add_account_connector(CONNECTOR);
-    // A token Secret of the operator's ServiceAccount, as Kubernetes 1.20 creates for every one.
+    // A long-lived token Secret of the operator's ServiceAccount, which Kubernetes still fills in
+    // for anyone allowed to create Secrets in its namespace.
     let token_secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": "operator-token", "annotations": {"kubernetes.io/service-account.name": OPERATOR_ACCOUNT}},
         "type": "kubernetes.io/service-account-token",

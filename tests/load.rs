@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use gcp_token_operator::testkit::emulator::{Endpoint, Fault};
+use gcp_token_operator_testkit::emulator::{Endpoint, Fault};
 use k8s_openapi::api::core::v1::Event;
 use kube::{Api, api::ListParams};
 use serde_json::json;

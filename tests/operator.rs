@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use gcp_token_operator::testkit::{
+use gcp_token_operator_testkit::{
     control_plane::{mint_token, wait_for_deletion},
     emulator::{Endpoint, Fault},
 };
@@ -656,11 +656,6 @@ async fn invalid_specs_are_reported_without_calling_google() {
     let mut env = Env::new("invalid").await;
     env.start_operator();
     let invalid = [
-        (
-            "two-flows",
-            json!({"flow": {"sts": {"audience": AUDIENCE}, "developerConnect": {"accountConnector": CONNECTOR}}, "source": {"tokenRequest": {"name": "x"}}}),
-            "exactly one of sts",
-        ),
         (
             "sa-token-for-iam",
             impersonation_spec(json!({"serviceAccountToken": {"serviceAccountName": "default"}})),

@@ -112,7 +112,7 @@ async fn deployment_annotation(env: &Env<'_>) -> Option<String> {
         .get("web")
         .await
         .unwrap();
-    let template = deployment.spec.unwrap().template;
+    let template = deployment.spec.template;
     template_annotation(template.metadata.as_ref().and_then(|m| m.annotations.as_ref()))
 }
 
@@ -198,8 +198,8 @@ async fn rollout_restarts_follow_token_changes_at_most_once_per_interval() {
         .await
         .unwrap();
     for annotations in [
-        stateful_set.spec.unwrap().template.metadata.and_then(|m| m.annotations),
-        daemon_set.spec.unwrap().template.metadata.and_then(|m| m.annotations),
+        stateful_set.spec.template.metadata.and_then(|m| m.annotations),
+        daemon_set.spec.template.metadata.and_then(|m| m.annotations),
     ] {
         assert_eq!(template_annotation(annotations.as_ref()), Some(last.clone()));
     }

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use gcp_token_operator::testkit::{
+use gcp_token_operator_testkit::{
     control_plane::create_namespace,
     emulator::{Endpoint, Fault},
 };

@@ -11,7 +11,7 @@ use std::{
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use gcp_token_operator::testkit::{
+use gcp_token_operator_testkit::{
     control_plane::{create_service_account, mint_token},
     emulator::{Endpoint, RecordedRequest},
 };

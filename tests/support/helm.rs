@@ -1,68 +1,140 @@
-//! Helm from the tests: `tests/helm/helm.py` drives the Helm v4 Go library (helm-sdkpy, which
-//! `scripts/test.sh` installs) to lint the chart, install it into the test control plane and
-//! uninstall it. An install returns the manifest Helm rendered, which is what `helm template` prints
-//! for the same values (the CRDs in the chart's `crds/` are installed, not rendered).
+//! The `helm` CLI, run as the README tells users to run it (`helm lint`, `helm template`,
+//! `helm install`, `helm upgrade`, `helm uninstall`), built by the test substrate at a pinned
+//! version. Values go in as a file on stdin (`--values -`), as a user's values file would.
 
-use std::path::Path;
+use std::process::Stdio;
 
+use gcp_token_operator_testkit::control_plane::ControlPlane;
 use serde_json::Value;
+use tokio::io::AsyncWriteExt as _;
 
 pub const CHART_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/gcp-token-operator");
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/helm/helm.py");
 
-/// The interpreter with helm-sdkpy: `GCP_TOKEN_OPERATOR_PYTHON` (set by `scripts/test.sh`), else
-/// `python3`.
-fn python() -> String {
-    std::env::var("GCP_TOKEN_OPERATOR_PYTHON").unwrap_or_else(|_| "python3".to_owned())
-}
-
-async fn helm(args: &[&str]) -> Result<Value, String> {
-    let output = tokio::process::Command::new(python())
-        .arg(SCRIPT)
+/// Runs `helm ARGS`, with `values` on stdin when given; stdout on success, else an error quoting
+/// the command and what Helm printed.
+async fn helm(control_plane: &ControlPlane, args: &[&str], values: Option<&Value>) -> Result<String, String> {
+    let mut command = control_plane.helm();
+    command
         .args(args)
-        .output()
-        .await
-        .map_err(|e| format!("running {} {SCRIPT}: {e}", python()))?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() {
-        let hint = if stderr.contains("No module named 'helm_sdkpy'") {
-            "\n(helm-sdkpy is missing: run scripts/test.sh, which installs it, or set GCP_TOKEN_OPERATOR_PYTHON)"
+        .stdin(if values.is_some() {
+            Stdio::piped()
         } else {
-            ""
-        };
-        return Err(format!("helm {}: {stderr}{hint}", args[0]));
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(|e| format!("running helm: {e}"))?;
+    if let Some(values) = values {
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        // JSON is YAML: the values file as Helm reads it.
+        stdin
+            .write_all(values.to_string().as_bytes())
+            .await
+            .map_err(|e| format!("writing helm's values: {e}"))?;
     }
-    serde_json::from_slice(&output.stdout).map_err(|e| format!("helm {} printed no JSON ({e}): {stderr}", args[0]))
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("waiting for helm: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        return Err(format!(
+            "helm {} failed ({}): {}{stdout}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(stdout)
 }
 
-/// `helm lint` of the chart: `{"messages": [{"severity", "path"}], "errors": N}`, severities as
-/// Helm's (1 info, 2 warning, 3 error).
-pub async fn lint() -> Result<Value, String> {
-    helm(&["lint", CHART_DIR]).await
+/// `helm lint --strict CHART`: what it printed (it fails on warnings as well as errors).
+pub async fn lint(control_plane: &ControlPlane) -> Result<String, String> {
+    helm(control_plane, &["lint", "--strict", CHART_DIR], None).await
 }
 
-/// `helm install RELEASE CHART --namespace NAMESPACE --create-namespace` with `values`, not waiting
-/// for workloads (the control plane runs no pods). Returns the rendered manifest.
-pub async fn install(kubeconfig: &Path, namespace: &str, release: &str, values: &Value) -> Result<String, String> {
-    let kubeconfig = kubeconfig.to_str().expect("a UTF-8 path");
-    let result = helm(&[
-        "install",
-        kubeconfig,
-        namespace,
+/// `helm template RELEASE CHART --namespace NAMESPACE --values -`: the manifest.
+pub async fn template(
+    control_plane: &ControlPlane,
+    namespace: &str,
+    release: &str,
+    values: &Value,
+) -> Result<String, String> {
+    let args = [
+        "template",
         release,
         CHART_DIR,
-        &values.to_string(),
-    ])
-    .await?;
-    Ok(result["manifest"]
-        .as_str()
-        .expect("install returns the manifest")
-        .to_owned())
+        "--namespace",
+        namespace,
+        "--values",
+        "-",
+    ];
+    helm(control_plane, &args, Some(values)).await
 }
 
-pub async fn uninstall(kubeconfig: &Path, namespace: &str, release: &str) -> Result<(), String> {
-    let kubeconfig = kubeconfig.to_str().expect("a UTF-8 path");
-    helm(&["uninstall", kubeconfig, namespace, release]).await.map(drop)
+/// `helm install RELEASE CHART --namespace NAMESPACE --create-namespace --values -`, not waiting
+/// for workloads (no node runs pods). Returns the manifest Helm applied.
+pub async fn install(
+    control_plane: &ControlPlane,
+    namespace: &str,
+    release: &str,
+    values: &Value,
+) -> Result<String, String> {
+    let args = [
+        "install",
+        release,
+        CHART_DIR,
+        "--namespace",
+        namespace,
+        "--create-namespace",
+        "--values",
+        "-",
+        "--output",
+        "json",
+    ];
+    manifest(&helm(control_plane, &args, Some(values)).await?)
+}
+
+/// `helm upgrade RELEASE CHART --namespace NAMESPACE --values -`: the manifest Helm applied.
+pub async fn upgrade(
+    control_plane: &ControlPlane,
+    namespace: &str,
+    release: &str,
+    values: &Value,
+) -> Result<String, String> {
+    let args = [
+        "upgrade",
+        release,
+        CHART_DIR,
+        "--namespace",
+        namespace,
+        "--values",
+        "-",
+        "--output",
+        "json",
+    ];
+    manifest(&helm(control_plane, &args, Some(values)).await?)
+}
+
+/// `helm uninstall RELEASE --namespace NAMESPACE --wait`.
+pub async fn uninstall(control_plane: &ControlPlane, namespace: &str, release: &str) -> Result<(), String> {
+    helm(
+        control_plane,
+        &["uninstall", release, "--namespace", namespace, "--wait"],
+        None,
+    )
+    .await
+    .map(drop)
+}
+
+/// The manifest of the release that `--output json` printed.
+fn manifest(release: &str) -> Result<String, String> {
+    let release: Value =
+        serde_json::from_str(release).map_err(|e| format!("helm printed no release JSON ({e}): {release}"))?;
+    release["manifest"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("the release has no manifest: {release}"))
 }
 
 /// The objects of a rendered manifest.

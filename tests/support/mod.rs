@@ -14,13 +14,11 @@ use std::{
     time::Duration,
 };
 
-use gcp_token_operator::{
-    crd::TokenRequest,
-    testkit::{
-        control_plane::{ControlPlane, apply_crds, create_namespace, mint_token, wait_for},
-        emulator::GoogleEmulator,
-        operator::{OperatorOptions, OperatorProcess},
-    },
+use gcp_token_operator::crd::TokenRequest;
+use gcp_token_operator_testkit::{
+    control_plane::{ControlPlane, apply_crds, create_namespace, mint_token, wait_for},
+    emulator::GoogleEmulator,
+    operator::{OperatorOptions, OperatorProcess},
 };
 use k8s_openapi::api::core::v1::{Event, Secret, ServiceAccount};
 use kube::{
@@ -248,7 +246,7 @@ impl<'a> Env<'a> {
     pub async fn prepare_impersonation(&self, service_account: &str, lifetime: Duration) {
         self.google.add_service_account(service_account, &["*"]);
         self.google.set_lifetime(
-            gcp_token_operator::testkit::emulator::Endpoint::GenerateAccessToken,
+            gcp_token_operator_testkit::emulator::Endpoint::GenerateAccessToken,
             lifetime,
         );
         let caller = self.caller_token().await;

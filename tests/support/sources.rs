@@ -2,7 +2,7 @@
 //! emulator verifies, authorized users, external_account files that point at the emulator), and
 //! finding out which identity a source stood for.
 
-use gcp_token_operator::testkit::emulator::GoogleEmulator;
+use gcp_token_operator_testkit::emulator::GoogleEmulator;
 use serde_json::{Value, json};
 
 use super::{Env, secret_token};

@@ -1,5 +1,5 @@
-//! A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager v1.20) on
-//! loopback, for integration tests and the local demo.
+//! A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, built from the
+//! published Go modules by `substrate.sh`) on loopback, for integration tests and the local demo.
 //!
 //! Tests share one instance per test binary ([`ControlPlane::shared`]) and each works in a namespace
 //! of its own ([`create_namespace`]). Every process is torn down with the test binary, also when it
@@ -212,6 +212,33 @@ impl ControlPlane {
         self.dir.path()
     }
 
+    /// The substrate's `kubectl`, of the same version as the server, as the admin of this control
+    /// plane.
+    pub fn kubectl(&self) -> tokio::process::Command {
+        self.tool("kubectl")
+    }
+
+    /// The substrate's `helm` CLI pointed at this control plane, with configuration, cache and data
+    /// directories of its own (never the caller's `~/.config/helm`).
+    pub fn helm(&self) -> tokio::process::Command {
+        let mut command = self.tool("helm");
+        let home = self.dir.path().join("helm");
+        for (variable, dir) in [
+            ("HELM_CONFIG_HOME", "config"),
+            ("HELM_CACHE_HOME", "cache"),
+            ("HELM_DATA_HOME", "data"),
+        ] {
+            command.env(variable, home.join(dir));
+        }
+        command
+    }
+
+    fn tool(&self, name: &str) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(self.binaries.join(name));
+        command.env("KUBECONFIG", &self.kubeconfig).kill_on_drop(true);
+        command
+    }
+
     /// `https://127.0.0.1:PORT`.
     pub fn api_server_url(&self) -> String {
         self.config.cluster_url.to_string().trim_end_matches('/').to_owned()
@@ -362,18 +389,17 @@ impl ControlPlane {
                 flag("listen-peer-urls", peer_url.clone().into());
                 flag("initial-advertise-peer-urls", peer_url.clone().into());
                 flag("initial-cluster", format!("default={peer_url}").into());
-                // Test data is small and short-lived: keep etcd's memory and disk use small.
-                // (etcd 3.4 has no --unsafe-no-fsync.)
+                // Test data is small and short-lived: keep etcd's memory and disk use small, and
+                // never wait for the disk.
                 flag("quota-backend-bytes", "268435456".into());
                 flag("snapshot-count", "5000".into());
-                flag("logger", "zap".into());
+                flag("unsafe-no-fsync", "true".into());
             }
             Component::ApiServer => {
                 flag("etcd-servers", etcd_url.into());
                 flag("bind-address", "127.0.0.1".into());
                 flag("advertise-address", "127.0.0.1".into());
                 flag("secure-port", api_server.to_string().into());
-                flag("insecure-port", "0".into());
                 flag("cert-dir", file("apiserver-certs"));
                 flag("tls-cert-file", file("serving.crt"));
                 flag("tls-private-key-file", file("serving.key"));
@@ -392,19 +418,21 @@ impl ControlPlane {
             }
             Component::ControllerManager => {
                 flag("kubeconfig", file("kubeconfig"));
-                // Namespace deletion, ownerReference garbage collection, and the `default`
-                // ServiceAccount (with its token Secret, as on a 1.20 cluster) of each namespace,
-                // and Deployments (a rolling restart shows as a new ReplicaSet; no pods are made).
+                // Namespace deletion, ownerReference garbage collection, the `default`
+                // ServiceAccount of each namespace (and tokens of Secrets that ask for one), and
+                // Deployments with their ReplicaSets (a rolling restart shows as a new ReplicaSet;
+                // no node runs the pods).
                 flag(
                     "controllers",
-                    "garbagecollector,namespace,serviceaccount,serviceaccount-token,deployment".into(),
+                    "garbage-collector-controller,namespace-controller,serviceaccount-controller,\
+                     serviceaccount-token-controller,deployment-controller,replicaset-controller"
+                        .into(),
                 );
                 flag("service-account-private-key-file", file("service-account.key"));
                 flag("root-ca-file", file("ca.crt"));
                 flag("use-service-account-credentials", "false".into());
                 flag("leader-elect", "false".into());
-                // No serving ports, so parallel control planes cannot collide on them.
-                flag("port", "0".into());
+                // No serving port, so parallel control planes cannot collide on it.
                 flag("secure-port", "0".into());
             }
         }
@@ -457,9 +485,12 @@ fn files(step: &'static str) -> impl FnOnce(io::Error) -> Error {
     move |source| Error::Files { step, source }
 }
 
-/// `$KUBEBUILDER_ASSETS` if it holds all three binaries (envtest's assets lack
-/// kube-controller-manager), else whatever `scripts/control-plane-binaries.sh` prints; it builds
-/// and caches them on first use. Located once per process, so parallel start-ups never build twice.
+/// The command-line tools tests run beside the control plane.
+const TOOLS: [&str; 2] = ["kubectl", "helm"];
+
+/// `$KUBEBUILDER_ASSETS` if it holds the three binaries and the tools (envtest's assets lack
+/// kube-controller-manager and helm), else whatever `substrate.sh` prints; it builds and caches them on
+/// first use. Located once per process, so parallel start-ups never build twice.
 async fn locate_binaries() -> Result<PathBuf, Error> {
     static LOCATED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     tokio::task::spawn_blocking(|| LOCATED.get_or_init(run_locate_script).clone())
@@ -472,11 +503,13 @@ fn run_locate_script() -> Result<PathBuf, String> {
     if let Some(assets) = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from)
         && Component::ALL
             .iter()
-            .all(|component| assets.join(component.binary()).is_file())
+            .map(|component| component.binary())
+            .chain(TOOLS)
+            .all(|binary| assets.join(binary).is_file())
     {
         return Ok(assets);
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/control-plane-binaries.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("substrate.sh");
     // Its progress goes to our stderr: a first build takes minutes and should say so.
     let output = std::process::Command::new("bash")
         .arg(&script)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures::{StreamExt as _, TryStreamExt as _};
-use gcp_token_operator::testkit::control_plane::{
+use gcp_token_operator_testkit::control_plane::{
     ControlPlane, apply_crds, create_namespace, create_service_account, mint_token, sweep_stale_dirs, wait_for,
     wait_for_deletion,
 };
@@ -37,10 +37,46 @@ fn no_diagnostics() -> String {
 }
 
 #[tokio::test]
+async fn server_kubectl_and_helm_report_the_pinned_release() {
+    let control_plane = ControlPlane::shared();
+    let server = control_plane.client().await.apiserver_version().await.unwrap();
+    // A version stamped at build time: an unstamped build reports v0.0.0-master, which Helm's
+    // kubeVersion checks and kubectl's skew warning would misread.
+    let minor: u32 = server.minor.parse().unwrap();
+    assert_eq!(server.major, "1");
+    assert!(minor >= 34, "{server:?}");
+    assert_eq!(
+        server.git_version,
+        format!("v1.{minor}.{}", server.git_version.rsplit('.').next().unwrap())
+    );
+    assert_eq!(server.git_tree_state, "clean");
+
+    let output = control_plane
+        .kubectl()
+        .args(["version", "--output", "json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let versions: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(versions["serverVersion"]["gitVersion"], server.git_version);
+    assert_eq!(versions["clientVersion"]["gitVersion"], server.git_version);
+
+    // Helm sees the server's version as charts' `kubeVersion` constraints do.
+    let output = control_plane
+        .helm()
+        .args(["version", "--short"])
+        .output()
+        .await
+        .unwrap();
+    let helm = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && helm.starts_with("v4."), "{helm}");
+}
+
+#[tokio::test]
 async fn secrets_can_be_created_listed_and_watched() {
     let (client, namespace) = setup("secrets").await;
     let secrets = Api::<Secret>::namespaced(client, &namespace);
-    // The namespace also holds the `default` ServiceAccount's token Secret.
     let ours = "app=substrate";
     let before = secrets.list(&ListParams::default().labels(ours)).await.unwrap();
     assert!(before.items.is_empty());
@@ -195,9 +231,8 @@ async fn rbac_governs_service_account_clients() {
 }
 
 #[tokio::test]
-async fn crds_with_cel_rules_are_applied_and_established() {
+async fn crds_with_cel_rules_are_applied_established_and_enforced() {
     let client = ControlPlane::shared().client().await;
-    // 1.20 does not know x-kubernetes-validations (CEL); the CRD must still go in, without them.
     let crd: CustomResourceDefinition = from_json(json!({
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -214,7 +249,7 @@ async fn crds_with_cel_rules_are_applied_and_established() {
                     "type": "object",
                     "properties": {"spec": {
                         "type": "object",
-                        "x-kubernetes-validations": [{"rule": "self.size > 0", "message": "size"}],
+                        "x-kubernetes-validations": [{"rule": "self.size > 0", "message": "size must be positive"}],
                         "properties": {"size": {"type": "integer"}},
                     }},
                 }},
@@ -225,7 +260,7 @@ async fn crds_with_cel_rules_are_applied_and_established() {
     for _ in 0..2 {
         apply_crds(&client, std::slice::from_ref(&crd)).await.unwrap();
     }
-    let crds = Api::<CustomResourceDefinition>::all(client);
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
     let applied = wait_for(
         &crds,
         "widgets.substrate.example.com",
@@ -247,7 +282,36 @@ async fn crds_with_cel_rules_are_applied_and_established() {
         .properties
         .as_ref()
         .unwrap()["spec"];
-    assert!(spec_schema.x_kubernetes_validations.is_none());
+    assert_eq!(spec_schema.x_kubernetes_validations.as_ref().map(Vec::len), Some(1));
+
+    // The apiserver evaluates the rule: a Widget breaking it is refused with the rule's message.
+    let namespace = create_namespace(&client, "cel").await.unwrap();
+    let resource = kube::api::ApiResource {
+        group: "substrate.example.com".into(),
+        version: "v1".into(),
+        api_version: "substrate.example.com/v1".into(),
+        kind: "Widget".into(),
+        plural: "widgets".into(),
+    };
+    let widgets = Api::<kube::api::DynamicObject>::namespaced_with(client, &namespace, &resource);
+    let widget = |name: &str, size: i64| -> kube::api::DynamicObject {
+        from_json(json!({"apiVersion": "substrate.example.com/v1", "kind": "Widget",
+                         "metadata": {"name": name}, "spec": {"size": size}}))
+    };
+    widgets.create(&PostParams::default(), &widget("big", 3)).await.unwrap();
+    let refused = widgets
+        .create(&PostParams::default(), &widget("empty", 0))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = refused else {
+        panic!("{refused}")
+    };
+    assert_eq!(status.code, 422);
+    assert!(
+        status.message.contains("spec: Invalid value") && status.message.contains("size must be positive"),
+        "{}",
+        status.message
+    );
 }
 
 #[tokio::test]

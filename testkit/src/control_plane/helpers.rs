@@ -68,11 +68,11 @@ pub async fn mint_token(
     expiration_seconds: i64,
 ) -> anyhow::Result<(String, Time)> {
     let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: audiences.iter().map(|&audience| audience.to_owned()).collect(),
+        spec: Some(TokenRequestSpec {
+            audiences: Some(audiences.iter().map(|&audience| audience.to_owned()).collect()),
             expiration_seconds: Some(expiration_seconds),
             ..TokenRequestSpec::default()
-        },
+        }),
         ..TokenRequest::default()
     };
     let response = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
@@ -80,7 +80,11 @@ pub async fn mint_token(
         .await
         .with_context(|| format!("requesting a token for ServiceAccount {namespace}/{name}"))?;
     let status = response.status.context("the TokenRequest response has no status")?;
-    Ok((status.token, status.expiration_timestamp))
+    let token = status.token.context("the TokenRequest response has no token")?;
+    let expiry = status
+        .expiration_timestamp
+        .context("the TokenRequest response has no expiry")?;
+    Ok((token, expiry))
 }
 
 /// Watches object `name` until `predicate` holds for it and returns it. On timeout the error says
@@ -215,18 +219,13 @@ async fn events(client: Client, namespace: &str, name: &str) -> String {
     }
 }
 
-/// Server-side applies `crds` and waits until each is Established. Goes through kube rather than
-/// kubectl, whose client-side validation rejects CEL-carrying CRDs against a 1.20 server.
-///
-/// CEL rules (`x-kubernetes-validations`, Kubernetes 1.23+) are left out: 1.20 cannot enforce them,
-/// and while its create and update silently drop unknown fields, its server-side apply rejects them.
+/// Server-side applies `crds` as they are, CEL rules included (the apiserver compiles them and
+/// checks their cost), and waits until each is Established.
 pub async fn apply_crds(client: &Client, crds: &[CustomResourceDefinition]) -> anyhow::Result<()> {
     let api = Api::<CustomResourceDefinition>::all(client.clone());
     for crd in crds {
         let name = crd.metadata.name.as_deref().context("a CRD has no name")?;
-        let mut patch = serde_json::to_value(crd)?;
-        remove_cel_rules(&mut patch);
-        api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(crd))
             .await
             .with_context(|| format!("applying CRD {name}"))?;
     }
@@ -245,15 +244,4 @@ pub async fn apply_crds(client: &Client, crds: &[CustomResourceDefinition]) -> a
         .map_err(anyhow::Error::msg)?;
     }
     Ok(())
-}
-
-fn remove_cel_rules(value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::Object(fields) => {
-            fields.remove("x-kubernetes-validations");
-            fields.values_mut().for_each(remove_cel_rules);
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(remove_cel_rules),
-        _ => {}
-    }
 }

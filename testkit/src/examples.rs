@@ -6,12 +6,15 @@
 //! Shared by the tests (`tests/examples.rs`, `tests/chart.rs`) and the local demo
 //! (`src/bin/dev-env.rs`), so the demo runs exactly what the tests prove.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use crate::{crd::TokenRequest, testkit::emulator::GoogleEmulator};
+use gcp_token_operator::crd::TokenRequest;
+
+use crate::control_plane::ControlPlane;
+use crate::emulator::GoogleEmulator;
 
 /// The directory of example manifests.
-pub const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+pub const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
 
 /// The STS audience of `examples/sts-serviceaccounttoken.yaml`.
 pub const AUDIENCE: &str =
@@ -85,20 +88,12 @@ pub fn token_requests() -> Vec<TokenRequest> {
         .collect()
 }
 
-/// `kubectl apply` of every example into `namespace`; stdout on success, else an error that
-/// quotes kubectl. Client-side validation is off because kubectl's is newer than the 1.20 test
-/// control plane.
-pub async fn apply(kubeconfig: &Path, namespace: &str) -> Result<String, String> {
-    let output = tokio::process::Command::new("kubectl")
-        .args([
-            "apply",
-            "--validate=false",
-            "--namespace",
-            namespace,
-            "--filename",
-            EXAMPLES_DIR,
-        ])
-        .env("KUBECONFIG", kubeconfig)
+/// `kubectl apply` of every example into `namespace`, as a user types it; stdout on success, else
+/// an error that quotes kubectl.
+pub async fn apply(control_plane: &ControlPlane, namespace: &str) -> Result<String, String> {
+    let output = control_plane
+        .kubectl()
+        .args(["apply", "--namespace", namespace, "--filename", EXAMPLES_DIR])
         .output()
         .await
         .map_err(|e| format!("running kubectl: {e}"))?;

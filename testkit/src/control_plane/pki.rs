@@ -1,6 +1,6 @@
 //! Key material of a control plane: a CA, the kube-apiserver serving certificate it signs, and the
 //! key that signs ServiceAccount tokens. All keys are ECDSA P-256 in PKCS#8 PEM, which Kubernetes
-//! 1.20 accepts for each of these uses.
+//! accepts for each of these uses.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,

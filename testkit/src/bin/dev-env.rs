@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use gcp_token_operator::crd::TokenRequest;
-use gcp_token_operator::testkit::control_plane::{ControlPlane, apply_crds};
-use gcp_token_operator::testkit::emulator::{Endpoint, GoogleEmulator};
-use gcp_token_operator::testkit::examples;
-use gcp_token_operator::testkit::operator::{OperatorOptions, OperatorProcess};
+use gcp_token_operator_testkit::control_plane::{ControlPlane, apply_crds};
+use gcp_token_operator_testkit::emulator::{Endpoint, GoogleEmulator};
+use gcp_token_operator_testkit::examples;
+use gcp_token_operator_testkit::operator::{OperatorOptions, OperatorProcess};
 use kube::CustomResourceExt as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// Starts a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager v1.20)
+/// Starts a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)
 /// and prints the `export KUBECONFIG=...` line for it; `demo` adds the operator at work. Runs
 /// until interrupted, then tears it down.
 #[derive(Parser)]
@@ -113,7 +113,7 @@ async fn run_demo(
     let client = control_plane.client().await;
     apply_crds(&client, &[TokenRequest::crd()]).await?;
     let kubeconfig = control_plane.kubeconfig_path();
-    kubectl(kubeconfig, &["create", "namespace", &args.namespace]).await?;
+    kubectl(control_plane, &["create", "namespace", &args.namespace]).await?;
 
     let log_path = control_plane.log_dir().join("operator.log");
     let extra_args = examples::operator_args(&args.namespace);
@@ -135,7 +135,7 @@ async fn run_demo(
 
     print!(
         "{}",
-        examples::apply(kubeconfig, &args.namespace)
+        examples::apply(control_plane, &args.namespace)
             .await
             .map_err(anyhow::Error::msg)?
     );
@@ -144,7 +144,7 @@ async fn run_demo(
     loop {
         tokio::select! {
             // Not fatal: Ctrl-C in a terminal also interrupts a kubectl that is running.
-            _ = ticks.tick() => if let Err(e) = show(kubeconfig, &args.namespace).await {
+            _ = ticks.tick() => if let Err(e) = show(control_plane, &args.namespace).await {
                 eprintln!("{e:#}");
             },
             () = &mut stopped => break,
@@ -165,7 +165,13 @@ async fn build_operator() -> anyhow::Result<PathBuf> {
             .and_then(Path::file_name)
             .is_some_and(|dir| dir == "release");
         let mut build = tokio::process::Command::new(cargo);
-        build.args(["build", "--bin", "gcp-token-operator"]);
+        build.args([
+            "build",
+            "--package",
+            "gcp-token-operator",
+            "--bin",
+            "gcp-token-operator",
+        ]);
         if release {
             build.arg("--release");
         }
@@ -180,31 +186,31 @@ async fn build_operator() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-/// Columns that show refreshes: the expiry moves on and the token's fingerprint changes. (The
-/// CRD's own date columns print future times as `<invalid>`.)
+/// Columns that show refreshes: the expiry moves on and the token's fingerprint changes.
 const COLUMNS: &str = "custom-columns=NAME:.metadata.name,FLOW:.status.flow,\
 READY:.status.conditions[?(@.type==\"Ready\")].status,REASON:.status.conditions[?(@.type==\"Ready\")].reason,\
 SECRET:.status.secretName,EXPIRES:.status.expirationTime,NEXT-REFRESH:.status.nextRefreshTime,\
 TOKEN:.status.tokenFingerprint";
 
 /// The TokenRequests, as kubectl shows them.
-async fn show(kubeconfig: &Path, namespace: &str) -> anyhow::Result<()> {
+async fn show(control_plane: &ControlPlane, namespace: &str) -> anyhow::Result<()> {
     let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     println!("\n--- {time}: kubectl get tokenrequests -n {namespace}");
     print!(
         "{}",
-        kubectl(kubeconfig, &["get", "tokenrequests", "-n", namespace, "-o", COLUMNS]).await?
+        kubectl(control_plane, &["get", "tokenrequests", "-n", namespace, "-o", COLUMNS]).await?
     );
     Ok(())
 }
 
-async fn kubectl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = tokio::process::Command::new("kubectl")
+/// The substrate's kubectl, of the server's version.
+async fn kubectl(control_plane: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
+    let output = control_plane
+        .kubectl()
         .args(args)
-        .env("KUBECONFIG", kubeconfig)
         .output()
         .await
-        .context("running kubectl (install it: Debian's kubernetes-client)")?;
+        .context("running kubectl")?;
     anyhow::ensure!(
         output.status.success(),
         "kubectl {} failed: {}",
