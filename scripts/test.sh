@@ -6,7 +6,8 @@
 #
 #   scripts/test.sh                        every test on the newest pinned Kubernetes minor; with
 #                                          CI=true or --all-versions, then the end-to-end operator,
-#                                          CRD, chart and example tests on every other pinned minor
+#                                          CRD, chart, admission and example tests on every other
+#                                          pinned minor
 #   scripts/test.sh --kube-version 1.34    every test on Kubernetes 1.34 only (also KUBE_VERSION=1.34)
 #   scripts/test.sh -- NAME_FILTER         arguments after `--` go to the test binaries
 set -euo pipefail
@@ -42,7 +43,7 @@ if ! command -v flock >/dev/null; then
 fi
 
 # Build artifacts live outside the repository so that fresh clones (CI) start warm.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gcp-token-operator/target}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${GCP_TOKEN_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gcp-token-operator}/target}"
 
 started=$(date +%s)
 substrate() {
@@ -77,8 +78,8 @@ if [ "$all_versions" = true ]; then
     log "test substrate for Kubernetes $minor"
     KUBEBUILDER_ASSETS=$(substrate "$minor")
     version=$("$KUBEBUILDER_ASSETS/kube-apiserver" --version)
-    log "cargo test, the end-to-end operator, CRD, chart and example tests on $version"
-    cargo test --locked -p gcp-token-operator --test operator --test crd --test chart --test examples -- "$@"
+    log "cargo test, the end-to-end operator, CRD, chart, admission-policy and example tests on $version"
+    cargo test --locked -p gcp-token-operator --test operator --test crd --test chart --test admission --test examples -- "$@"
     cargo test --locked -p gcp-token-operator-testkit --test substrate -- "$@"
     tested+=("$version")
   done

@@ -419,13 +419,15 @@ impl ControlPlane {
             Component::ControllerManager => {
                 flag("kubeconfig", file("kubeconfig"));
                 // Namespace deletion, ownerReference garbage collection, the `default`
-                // ServiceAccount of each namespace (and tokens of Secrets that ask for one), and
+                // ServiceAccount of each namespace (and tokens of Secrets that ask for one),
                 // Deployments with their ReplicaSets (a rolling restart shows as a new ReplicaSet;
-                // no node runs the pods).
+                // no node runs the pods), and the type check of ValidatingAdmissionPolicies
+                // (written to their status).
                 flag(
                     "controllers",
                     "garbage-collector-controller,namespace-controller,serviceaccount-controller,\
-                     serviceaccount-token-controller,deployment-controller,replicaset-controller"
+                     serviceaccount-token-controller,deployment-controller,replicaset-controller,\
+                     validatingadmissionpolicy-status-controller"
                         .into(),
                 );
                 flag("service-account-private-key-file", file("service-account.key"));
