@@ -619,18 +619,22 @@ async fn kubectl_apply_is_refused_by_the_crd_s_rules_with_their_messages() {
         ),
     ];
     let dir = tempfile::tempdir().unwrap();
-    for (name, spec, path, message) in &cases {
+    // `kubectl apply -f FILE` of a TokenRequest with `spec`, as a user types it.
+    let apply = async |name: &str, spec: &Value| {
         let file = dir.path().join(format!("{name}.yaml"));
         let manifest = json!({"apiVersion": "gcptoken.dev/v1alpha1", "kind": "TokenRequest",
                               "metadata": {"name": name}, "spec": spec});
         std::fs::write(&file, serde_saphyr::to_string(&manifest).unwrap()).unwrap();
-        let output = control_plane
+        control_plane
             .kubectl()
             .args(["apply", "--namespace", &namespace, "--filename"])
             .arg(&file)
             .output()
             .await
-            .unwrap();
+            .unwrap()
+    };
+    for (name, spec, path, message) in &cases {
+        let output = apply(name, spec).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{name} was admitted");
         assert!(stderr.contains(path) && stderr.contains(message), "{name}: {stderr}");
@@ -639,17 +643,7 @@ async fn kubectl_apply_is_refused_by_the_crd_s_rules_with_their_messages() {
     assert!(api.list(&ListParams::default()).await.unwrap().items.is_empty());
 
     // The same manifest with one flow and one source goes in.
-    let file = dir.path().join("valid.yaml");
-    let manifest = json!({"apiVersion": "gcptoken.dev/v1alpha1", "kind": "TokenRequest",
-                          "metadata": {"name": "valid"}, "spec": {"flow": {"sts": sts}, "source": token_source}});
-    std::fs::write(&file, serde_saphyr::to_string(&manifest).unwrap()).unwrap();
-    let output = control_plane
-        .kubectl()
-        .args(["apply", "--namespace", &namespace, "--filename"])
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
+    let output = apply("valid", &json!({"flow": {"sts": sts}, "source": token_source})).await;
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(api.get_opt("valid").await.unwrap().is_some());
 }

@@ -60,16 +60,12 @@ pub async fn template(
     release: &str,
     values: &Value,
 ) -> Result<String, String> {
-    let args = [
-        "template",
-        release,
-        CHART_DIR,
-        "--namespace",
-        namespace,
-        "--values",
-        "-",
-    ];
-    helm(control_plane, &args, Some(values)).await
+    helm(
+        control_plane,
+        &release_args("template", release, namespace, &[]),
+        Some(values),
+    )
+    .await
 }
 
 /// `helm install RELEASE CHART --namespace NAMESPACE --create-namespace --values -`, not waiting
@@ -80,18 +76,12 @@ pub async fn install(
     release: &str,
     values: &Value,
 ) -> Result<String, String> {
-    let args = [
+    let args = release_args(
         "install",
         release,
-        CHART_DIR,
-        "--namespace",
         namespace,
-        "--create-namespace",
-        "--values",
-        "-",
-        "--output",
-        "json",
-    ];
+        &["--create-namespace", "--output", "json"],
+    );
     manifest(&helm(control_plane, &args, Some(values)).await?)
 }
 
@@ -102,18 +92,15 @@ pub async fn upgrade(
     release: &str,
     values: &Value,
 ) -> Result<String, String> {
-    let args = [
-        "upgrade",
-        release,
-        CHART_DIR,
-        "--namespace",
-        namespace,
-        "--values",
-        "-",
-        "--output",
-        "json",
-    ];
+    let args = release_args("upgrade", release, namespace, &["--output", "json"]);
     manifest(&helm(control_plane, &args, Some(values)).await?)
+}
+
+/// `helm COMMAND RELEASE CHART --namespace NAMESPACE --values - EXTRA...`.
+fn release_args<'a>(command: &'a str, release: &'a str, namespace: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![command, release, CHART_DIR, "--namespace", namespace, "--values", "-"];
+    args.extend_from_slice(extra);
+    args
 }
 
 /// `helm uninstall RELEASE --namespace NAMESPACE --wait`.
