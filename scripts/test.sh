@@ -62,7 +62,10 @@ log "substrate in $KUBEBUILDER_ASSETS ($(( $(date +%s) - started ))s): $newest, 
 
 log "cargo fmt --check, gofmt"
 cargo fmt --all -- --check
-unformatted=$(gofmt -l testkit)
+# Go's own formatter, from PATH or the usual install location.
+gofmt_bin=$(command -v gofmt || command -v /usr/local/go/bin/gofmt || true)
+[ -n "$gofmt_bin" ] || { echo "gofmt is required (it comes with Go)" >&2; exit 1; }
+unformatted=$("$gofmt_bin" -l testkit)
 [ -z "$unformatted" ] || { echo "gofmt: $unformatted" >&2; exit 1; }
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
