@@ -116,29 +116,20 @@ pub fn duration_pattern() -> String {
 /// The message is built by concatenating literals only: the apiserver's cost estimate of list
 /// functions such as `filter` and `join` in a message exceeds the CRD's budget many times over.
 pub fn one_of(fields: &[&str]) -> kube::core::Rule {
-    let count = format!(
-        "[{}].filter(x, x).size()",
-        fields
-            .iter()
-            .map(|f| format!("has(self.{f})"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let has: Vec<String> = fields.iter().map(|f| format!("has(self.{f})")).collect();
     let set_names: Vec<String> = fields
         .iter()
         .map(|f| format!("(has(self.{f}) ? ' {f}' : '')"))
         .collect();
     let all = fields.join(", ");
-    kube::core::Rule::new(format!("{count} == 1")).message(kube::core::Message::Expression(format!(
-        "'exactly one of {all} must be set, but ' + \
-         (!({}) ? 'none is' : 'these are set:' + {})",
-        fields
-            .iter()
-            .map(|f| format!("has(self.{f})"))
-            .collect::<Vec<_>>()
-            .join(" || "),
-        set_names.join(" + ")
-    )))
+    kube::core::Rule::new(format!("[{}].filter(x, x).size() == 1", has.join(", "))).message(
+        kube::core::Message::Expression(format!(
+            "'exactly one of {all} must be set, but ' + \
+             (!({}) ? 'none is' : 'these are set:' + {})",
+            has.join(" || "),
+            set_names.join(" + ")
+        )),
+    )
 }
 
 /// Bounds a string map: its number of entries and the length of its values in the schema, the
