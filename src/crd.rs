@@ -64,6 +64,23 @@ pub mod bound {
     pub const REGISTRIES: u32 = 64;
     /// A host name and a port.
     pub const REGISTRY: u32 = 253 + 1 + 5;
+    /// An ID token's audience: a service URL, or an IAP OAuth client id.
+    pub const ID_TOKEN_AUDIENCE: u32 = 2048;
+    /// A username sent with a token (`x-access-token`, `oauth2accesstoken`, ...).
+    pub const USERNAME: u32 = 256;
+    /// Hosts or URLs a credential file or Tekton annotations name.
+    pub const CREDENTIAL_HOSTS: u32 = 32;
+    /// A URL of a repository, a registry or a prefix of them.
+    pub const URL: u32 = 2048;
+    /// An Argo CD project or repository name.
+    pub const ARGO_NAME: u32 = 253;
+    /// An npm scope (`@team`).
+    pub const NPM_SCOPE: u32 = 215;
+    /// Keys, and annotations, a template renders.
+    pub const TEMPLATE_ENTRIES: u32 = 16;
+    /// One template: enough for a configuration file, small enough that 16 of them keep the
+    /// TokenRequest (which the operator caches) small.
+    pub const TEMPLATE: u32 = 8192;
     /// Workloads restarted for one token: each restart is a patch.
     pub const ROLLOUT_RESTART_TARGETS: u32 = 20;
     /// A duration such as `1h30m`; see [`super::duration_pattern`].
@@ -251,7 +268,14 @@ impl WorkloadKind {
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = one_of(&["sts", "impersonation", "developerConnect", "discoveryEngine"]))]
+#[x_kube(validation = one_of(&[
+    "sts",
+    "impersonation",
+    "developerConnect",
+    "discoveryEngine",
+    "idToken",
+    "developerConnectRepository",
+]))]
 pub struct FlowSpec {
     /// Security Token Service token exchange (RFC 8693), e.g. Workload Identity Federation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -265,6 +289,78 @@ pub struct FlowSpec {
     /// Discovery Engine acquireAccessToken: the calling user's token for a data connector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery_engine: Option<DiscoveryEngineFlow>,
+    /// IAM Credentials generateIdToken (or, for the operator's own identity, the metadata
+    /// server): an OpenID Connect ID token for Cloud Run, IAP or Cloud Functions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<IdTokenFlow>,
+    /// Developer Connect fetchReadToken / fetchReadWriteToken: a token for one linked Git
+    /// repository, with the username to clone with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub developer_connect_repository: Option<DeveloperConnectRepositoryFlow>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdTokenFlow {
+    /// Who receives the token: the service's URL (Cloud Run, Cloud Functions) or the OAuth client
+    /// id of an IAP-protected resource.
+    #[schemars(length(min = 1, max = bound::ID_TOKEN_AUDIENCE))]
+    pub audience: String,
+    /// Email or unique id of the service account the token is for. Omitted only with
+    /// `source.ambient`: then the metadata server issues it for the operator's own identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::SERVICE_ACCOUNT))]
+    pub service_account: Option<String>,
+    /// Delegation chain, as service account emails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::DELEGATES), inner(length(max = bound::SERVICE_ACCOUNT)))]
+    pub delegates: Vec<String>,
+    /// Add the `email` and `email_verified` claims (IAP requires them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_email: bool,
+    /// Workload Identity Federation first, in the same TokenRequest: the source (a Kubernetes
+    /// ServiceAccount token, or a JWT in a Secret) is exchanged at STS, and the federated token
+    /// calls generateIdToken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<IdTokenFederation>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdTokenFederation {
+    /// The workload identity pool provider, as `sts.audience`.
+    #[schemars(length(max = bound::STS_AUDIENCE), regex(pattern = r"^//iam\.googleapis\.com/"))]
+    pub audience: String,
+    /// As `sts.subjectTokenType`. Default: `urn:ietf:params:oauth:token-type:jwt`.
+    #[serde(default)]
+    pub subject_token_type: SubjectTokenType,
+    /// As `sts.userProject`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::PROJECT))]
+    pub user_project: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeveloperConnectRepositoryFlow {
+    /// `projects/P/locations/L/connections/C/gitRepositoryLinks/R`.
+    #[schemars(
+        length(max = bound::GOOGLE_RESOURCE),
+        regex(pattern = r"^projects/[^/]+/locations/[^/]+/connections/[^/]+/gitRepositoryLinks/[^/]+$")
+    )]
+    pub git_repository_link: String,
+    /// `read` (default: fetchReadToken, for clones and fetches) or `readWrite`
+    /// (fetchReadWriteToken, for pushes too).
+    #[serde(default)]
+    pub access: RepositoryAccess,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RepositoryAccess {
+    #[default]
+    Read,
+    ReadWrite,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -546,7 +642,7 @@ pub struct SecretSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = bound::OBJECT_NAME))]
     pub name: Option<String>,
-    /// `Opaque` (default) or `kubernetes.io/dockerconfigjson`.
+    /// `Opaque` (default) or `kubernetes.io/dockerconfigjson`. With `format`, the format decides.
     // Not an Option, for the reason given at `subjectTokenType`.
     #[serde(default, rename = "type")]
     pub type_: SecretType,
@@ -554,15 +650,196 @@ pub struct SecretSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = bound::REGISTRIES), inner(length(max = bound::REGISTRY)))]
     pub registries: Vec<String>,
-    /// Opaque only: the key holding the token. Default `token`.
+    /// Opaque and `format.template`: the key holding the token. Default `token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = bound::SECRET_KEY))]
     pub token_key: Option<String>,
+    /// The shape a consumer reads (Git, Tekton, Flux, Argo CD, netrc, npm, or a template); it
+    /// fixes the Secret's type and keys. Without it, `type` decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<OutputFormat>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(transform = BoundedMap { entries: bound::METADATA_ENTRIES, key: bound::METADATA_KEY, value: bound::LABEL_VALUE })]
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(transform = BoundedMap { entries: bound::METADATA_ENTRIES, key: bound::METADATA_KEY, value: bound::ANNOTATION_VALUE })]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A consumer's Secret format. Exactly one member must be set. Each takes a `username` where its
+/// consumer needs one; it defaults from the flow (the `gitUsername` Developer Connect returns,
+/// `oauth2accesstoken` for Google access tokens).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = one_of(&["basicAuth", "flux", "argoCD", "gitCredentials", "netrc", "npmrc", "template"]))]
+pub struct OutputFormat {
+    /// `kubernetes.io/basic-auth` (`username`, `password`), optionally annotated for Tekton.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth: Option<BasicAuthFormat>,
+    /// A Flux `GitRepository` `secretRef`: `username`/`password`, or `bearerToken`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flux: Option<FluxFormat>,
+    /// An Argo CD repository or repository credential template Secret (the TokenRequest must be
+    /// in Argo CD's namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "argoCD")]
+    pub argo_cd: Option<ArgoCdFormat>,
+    /// A git credential-store file under the key `.git-credentials`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_credentials: Option<GitCredentialsFormat>,
+    /// A `.netrc` file under the key `.netrc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netrc: Option<NetrcFormat>,
+    /// An `.npmrc` file for Artifact Registry npm repositories under the key `.npmrc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub npmrc: Option<NpmrcFormat>,
+    /// Keys and annotations rendered from templates (minijinja), for any other consumer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateFormat>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BasicAuthFormat {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::USERNAME))]
+    pub username: Option<String>,
+    /// Tekton annotations (`tekton.dev/git-N`, `tekton.dev/docker-N`) for these hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tekton: Option<TektonHosts>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TektonHosts {
+    /// Git hosts, as URLs (`https://github.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::CREDENTIAL_HOSTS), inner(length(max = bound::URL)))]
+    pub git: Vec<String>,
+    /// Registries, as URLs (`https://us-docker.pkg.dev`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::CREDENTIAL_HOSTS), inner(length(max = bound::URL)))]
+    pub docker: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FluxFormat {
+    /// `basic` (default: `username` and `password`) or `bearer` (`bearerToken`).
+    #[serde(default)]
+    pub auth: FluxAuth,
+    /// `basic` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::USERNAME))]
+    pub username: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum FluxAuth {
+    #[default]
+    Basic,
+    Bearer,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArgoCdFormat {
+    /// `repository` (default: one repository, `url` its URL) or `repoCreds` (a credential
+    /// template for every repository under the URL prefix `url`).
+    #[serde(default)]
+    pub secret_type: ArgoCdSecretType,
+    #[schemars(length(min = 1, max = bound::URL))]
+    pub url: String,
+    /// `git` (default) or `helm`.
+    #[serde(default, rename = "type")]
+    pub repository_type: ArgoCdRepositoryType,
+    /// Helm charts in an OCI registry (`enableOCI: "true"`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not", rename = "enableOCI")]
+    pub enable_oci: bool,
+    /// The Argo CD project the repository is scoped to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::ARGO_NAME))]
+    pub project: Option<String>,
+    /// The repository's display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::ARGO_NAME))]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::USERNAME))]
+    pub username: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ArgoCdSecretType {
+    #[default]
+    Repository,
+    RepoCreds,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ArgoCdRepositoryType {
+    #[default]
+    Git,
+    Helm,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitCredentialsFormat {
+    /// `https://HOST[:PORT][/PATH]` (or `http://`) for each line; git uses the first that
+    /// matches the URL it fetches.
+    #[schemars(length(min = 1, max = bound::CREDENTIAL_HOSTS), inner(length(max = bound::URL)))]
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::USERNAME))]
+    pub username: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetrcFormat {
+    /// Host names, one `machine` line each (netrc matches host names, not ports or paths).
+    #[schemars(length(min = 1, max = bound::CREDENTIAL_HOSTS), inner(length(max = bound::REGISTRY)))]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::USERNAME))]
+    pub username: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NpmrcFormat {
+    #[schemars(length(min = 1, max = bound::CREDENTIAL_HOSTS))]
+    pub registries: Vec<NpmRegistry>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NpmRegistry {
+    /// The repository's URL, `https://LOCATION-npm.pkg.dev/PROJECT/REPOSITORY/`.
+    #[schemars(length(min = 1, max = bound::URL))]
+    pub url: String,
+    /// Packages of this scope (`@team`) come from the repository; without it, every package
+    /// does (`registry=`), which at most one registry may claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::NPM_SCOPE))]
+    pub scope: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateFormat {
+    /// Secret key to template. Templates see `token`, `expires_at`, `username`, `scopes` and
+    /// `fingerprint`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = BoundedMap { entries: bound::TEMPLATE_ENTRIES, key: bound::SECRET_KEY, value: bound::TEMPLATE })]
+    pub data: BTreeMap<String, String>,
+    /// Annotation key to template. These templates do not see `token`: annotations are shown by
+    /// `kubectl describe` and copied by tools that treat metadata as not secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = BoundedMap { entries: bound::TEMPLATE_ENTRIES, key: bound::METADATA_KEY, value: bound::TEMPLATE })]
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -608,7 +885,8 @@ pub struct TokenRequestStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// The flow in use (`sts`, `impersonation`, `developerConnect`, `discoveryEngine`).
+    /// The flow in use (`sts`, `impersonation`, `developerConnect`, `discoveryEngine`, `idToken`,
+    /// `developerConnectRepository`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = bound::FLOW))]
     pub flow: Option<String>,
@@ -628,6 +906,11 @@ pub struct TokenRequestStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = bound::STATUS_SCOPES), inner(length(max = bound::STATUS_SCOPE)))]
     pub scopes: Vec<String>,
+    /// The username that goes with the token, as the flow returned it (Developer Connect's
+    /// `gitUsername`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::USERNAME))]
+    pub username: Option<String>,
     /// First 12 hex characters of the SHA-256 of the token: tells tokens apart without revealing them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = bound::FINGERPRINT))]

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod credentials;
 pub mod events;
 pub mod fairness;
+pub mod formats;
 pub mod google;
 pub mod http;
 pub mod leader;
@@ -22,6 +23,7 @@ pub mod singleflight;
 pub mod source;
 pub mod status;
 pub mod telemetry;
+pub mod template;
 pub mod validation;
 
 /// The CRD as YAML, as `gcp-token-operator crd` prints it and `crds/` holds it.

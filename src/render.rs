@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use base64::{Engine, engine::general_purpose::STANDARD};
 use k8s_openapi::{
     ByteString,
     api::core::v1::Secret,
@@ -14,10 +13,12 @@ use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
+pub use crate::formats::MAX_SECRET_DATA;
 use crate::{
-    crd::{SecretType, TokenRequest},
+    crd::TokenRequest,
+    formats::{Carrier, RenderError, Token},
     names,
-    validation::{EXPIRES_AT_KEY, SecretLayout, TOKEN_TYPE_KEY, ValidSpec, previous_token_key},
+    validation::{SecretLayout, ValidSpec},
 };
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -34,10 +35,11 @@ pub const SPEC_HASH_ANNOTATION: &str = "gcptoken.dev/spec-hash";
 pub const FINGERPRINT_ANNOTATION: &str = "gcptoken.dev/token-fingerprint";
 pub const SCOPES_ANNOTATION: &str = "gcptoken.dev/scopes";
 pub const PREVIOUS_EXPIRES_AT_ANNOTATION: &str = "gcptoken.dev/previous-expires-at";
-const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
-const DOCKER_USERNAME: &str = "oauth2accesstoken";
-/// The apiserver's limit on a Secret's data.
-pub const MAX_SECRET_DATA: usize = 1024 * 1024;
+/// Where in the data the token is (see [`Carrier`]): read back by the carrier that wrote it, a
+/// token survives a change of format without a new mint.
+pub const TOKEN_CARRIER_ANNOTATION: &str = "gcptoken.dev/token-carrier";
+/// The username the flow returned with the token (not a secret: `x-access-token` and the like).
+pub const USERNAME_ANNOTATION: &str = "gcptoken.dev/username";
 /// The longest token accepted. Google's access tokens are a few hundred bytes to about 2 KiB;
 /// anything far longer is not a token, and would make the Secret too large with a few registries.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -59,6 +61,12 @@ pub enum Unusable {
     TokenTooLarge { bytes: usize },
     #[error("the Secret would hold {bytes} bytes of data, more than the {MAX_SECRET_DATA} Kubernetes allows")]
     SecretTooLarge { bytes: usize },
+    #[error("the token cannot be written as spec.secret.format {format}: {source}")]
+    Format {
+        format: &'static str,
+        #[source]
+        source: RenderError,
+    },
 }
 
 /// Whether `record`, just issued, is a token worth storing at `now`: it must outlive
@@ -85,6 +93,8 @@ pub struct TokenRecord {
     pub issued_at: Timestamp,
     pub expires_at: Timestamp,
     pub scopes: Vec<String>,
+    /// The username the flow returned with the token (Developer Connect's `gitUsername`).
+    pub username: Option<String>,
 }
 
 impl TokenRecord {
@@ -128,37 +138,53 @@ pub fn is_reserved_metadata_key(key: &str) -> bool {
     key == MANAGED_BY_LABEL || key.starts_with("gcptoken.dev/")
 }
 
-/// The whole Secret as the operator wants it: server-side applied as is. `previous` is kept in
-/// Opaque Secrets only (an image pull reads the Secret when it happens, so it has no use there).
-/// Never larger than a Secret may be.
+/// The whole Secret as the operator wants it: server-side applied as is. `previous` is kept
+/// only where the format has a key for it ([`Format::previous_key`]). Never larger than a Secret
+/// may be.
 pub fn desired_secret(
     tr: &TokenRequest,
     spec: &ValidSpec,
     record: &TokenRecord,
     previous: Option<&PreviousToken>,
 ) -> Result<Secret, Unusable> {
-    let previous = previous.filter(|_| spec.secret.type_ == SecretType::Opaque);
     let layout = &spec.secret;
+    let format = &layout.format;
+    let expires_at = rfc3339(record.expires_at);
+    let fingerprint = record.fingerprint();
+    let token = Token {
+        token: record.token.expose_secret(),
+        expires_at: &expires_at,
+        username: record.username.as_deref(),
+        scopes: &record.scopes,
+        fingerprint: &fingerprint,
+    };
+    let rendered = format.render(&token).map_err(|source| Unusable::Format {
+        format: format.name(),
+        source,
+    })?;
     let mut labels = layout.labels.clone();
+    labels.extend(rendered.labels);
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
     let name = tr.name_any();
     labels.insert(TOKEN_REQUEST_LABEL.into(), names::fit_63(&name).into_owned());
     let mut annotations = layout.annotations.clone();
+    annotations.extend(rendered.annotations);
     annotations.insert(TOKEN_REQUEST_ANNOTATION.into(), name);
-    annotations.insert(EXPIRES_AT_ANNOTATION.into(), rfc3339(record.expires_at));
+    annotations.insert(EXPIRES_AT_ANNOTATION.into(), expires_at);
     annotations.insert(ISSUED_AT_ANNOTATION.into(), rfc3339(record.issued_at));
     annotations.insert(SPEC_HASH_ANNOTATION.into(), spec.token_hash.clone());
-    annotations.insert(FINGERPRINT_ANNOTATION.into(), record.fingerprint());
+    annotations.insert(FINGERPRINT_ANNOTATION.into(), fingerprint);
+    annotations.insert(TOKEN_CARRIER_ANNOTATION.into(), format.carrier().encode());
     if !record.scopes.is_empty() {
         annotations.insert(SCOPES_ANNOTATION.into(), record.scopes.join(" "));
     }
-    let mut data = secret_data(layout, record);
-    if let Some(previous) = previous {
+    if let Some(username) = &record.username {
+        annotations.insert(USERNAME_ANNOTATION.into(), username.clone());
+    }
+    let mut data: BTreeMap<String, ByteString> = rendered.data.into_iter().map(|(k, v)| (k, ByteString(v))).collect();
+    if let Some((previous, key)) = previous.zip(format.previous_key()) {
         annotations.insert(PREVIOUS_EXPIRES_AT_ANNOTATION.into(), rfc3339(previous.expires_at));
-        data.insert(
-            previous_token_key(&layout.token_key),
-            ByteString(previous.token.expose_secret().as_bytes().to_vec()),
-        );
+        data.insert(key, ByteString(previous.token.expose_secret().as_bytes().to_vec()));
     }
     let bytes = data.iter().map(|(k, v)| k.len() + v.0.len()).sum();
     if bytes > MAX_SECRET_DATA {
@@ -173,7 +199,7 @@ pub fn desired_secret(
             owner_references: owner_reference(tr).map(|r| vec![r]),
             ..Default::default()
         },
-        type_: Some(layout.type_.as_str().into()),
+        type_: Some(rendered.type_.into()),
         data: Some(data),
         ..Default::default()
     })
@@ -192,43 +218,28 @@ fn owner_reference(tr: &TokenRequest) -> Option<OwnerReference> {
     tr.controller_owner_ref(&())
 }
 
-fn secret_data(layout: &SecretLayout, record: &TokenRecord) -> BTreeMap<String, ByteString> {
-    let token = record.token.expose_secret();
-    let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
-    match layout.type_ {
-        SecretType::Opaque => BTreeMap::from([
-            (layout.token_key.clone(), bytes(token)),
-            (EXPIRES_AT_KEY.into(), bytes(&rfc3339(record.expires_at))),
-            (TOKEN_TYPE_KEY.into(), bytes("Bearer")),
-        ]),
-        SecretType::DockerConfigJson => {
-            let auth = STANDARD.encode(format!("{DOCKER_USERNAME}:{token}"));
-            let auths: serde_json::Map<String, serde_json::Value> = layout
-                .registries
-                .iter()
-                .map(|host| {
-                    let entry = serde_json::json!({"username": DOCKER_USERNAME, "password": token, "auth": auth});
-                    (host.clone(), entry)
-                })
-                .collect();
-            let config = serde_json::json!({ "auths": auths }).to_string();
-            BTreeMap::from([(DOCKER_CONFIG_KEY.into(), bytes(&config))])
-        }
-    }
-}
-
 fn rfc3339(ts: Timestamp) -> String {
     ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-/// The token in `secret` as written by the operator for `layout`, if it is intact: present where
-/// the layout puts it, and matching the fingerprint written beside it (so an edited token is not
-/// trusted).
+/// The token in `secret` as the operator wrote it, if it is intact: present where the
+/// annotated carrier (or, for Secrets written before there was one, the current layout) puts it,
+/// and matching the fingerprint written beside it (so an edited token is not trusted).
 pub fn stored_token(secret: &Secret, layout: &SecretLayout) -> Option<StoredToken> {
     let annotations = secret.metadata.annotations.as_ref()?;
     let parse = |key: &str| annotations.get(key)?.parse::<Timestamp>().ok();
-    let token = read_token(secret, layout)?;
-    if annotations.get(FINGERPRINT_ANNOTATION)? != &fingerprint(token.expose_secret()) {
+    let carrier = match annotations.get(TOKEN_CARRIER_ANNOTATION) {
+        Some(text) => Carrier::decode(text)?,
+        None => layout.format.carrier(),
+    };
+    let data: BTreeMap<String, Vec<u8>> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    let token = carrier.read(&data)?;
+    if annotations.get(FINGERPRINT_ANNOTATION)? != &fingerprint(&token) {
         return None;
     }
     let scopes = annotations
@@ -237,46 +248,29 @@ pub fn stored_token(secret: &Secret, layout: &SecretLayout) -> Option<StoredToke
         .unwrap_or_default();
     Some(StoredToken {
         record: TokenRecord {
-            token,
+            token: SecretString::from(token),
             issued_at: parse(ISSUED_AT_ANNOTATION)?,
             expires_at: parse(EXPIRES_AT_ANNOTATION)?,
             scopes,
+            username: annotations.get(USERNAME_ANNOTATION).cloned(),
         },
         spec_hash: annotations.get(SPEC_HASH_ANNOTATION)?.clone(),
-        previous: previous_token(secret, layout),
+        previous: previous_token(secret, &carrier),
     })
 }
 
-fn previous_token(secret: &Secret, layout: &SecretLayout) -> Option<PreviousToken> {
+/// The previous token, beside the key the carrier holds the current one in.
+fn previous_token(secret: &Secret, carrier: &Carrier) -> Option<PreviousToken> {
+    let Carrier::Key(key) = carrier else {
+        return None;
+    };
     let expires_at = secret.annotations().get(PREVIOUS_EXPIRES_AT_ANNOTATION)?.parse().ok()?;
-    let bytes = &secret.data.as_ref()?.get(&previous_token_key(&layout.token_key))?.0;
+    let bytes = &secret.data.as_ref()?.get(&crate::formats::previous_token_key(key))?.0;
     let token = String::from_utf8(bytes.clone()).ok()?;
     Some(PreviousToken {
         token: SecretString::from(token),
         expires_at,
     })
-}
-
-fn read_token(secret: &Secret, layout: &SecretLayout) -> Option<SecretString> {
-    let data = secret.data.as_ref()?;
-    let token = match layout.type_ {
-        SecretType::Opaque => String::from_utf8(data.get(&layout.token_key)?.0.clone()).ok()?,
-        SecretType::DockerConfigJson => {
-            let config: serde_json::Value = serde_json::from_slice(&data.get(DOCKER_CONFIG_KEY)?.0).ok()?;
-            let auths = config.get("auths")?.as_object()?;
-            let mut passwords = layout
-                .registries
-                .iter()
-                .map(|h| auths.get(h)?.get("password")?.as_str());
-            let first = passwords.next()??;
-            // Every registry entry must hold the same token, else the Secret was edited.
-            if !passwords.all(|p| p == Some(first)) {
-                return None;
-            }
-            first.to_string()
-        }
-    };
-    (!token.is_empty()).then(|| SecretString::from(token))
 }
 
 /// Whether `existing` already carries everything in `desired`, so applying it would change nothing.
@@ -350,10 +344,7 @@ pub fn needs_replacing(existing: &Secret, desired: &Secret) -> bool {
 /// of its data), and nothing that a later apply might need to remove.
 pub fn skeleton(desired: &Secret) -> Secret {
     let managed = desired.labels().get(MANAGED_BY_LABEL).cloned();
-    let typed = desired
-        .type_
-        .as_deref()
-        .is_some_and(|t| t != SecretType::Opaque.as_str());
+    let typed = desired.type_.as_deref().is_some_and(|t| t != "Opaque");
     Secret {
         metadata: ObjectMeta {
             name: desired.metadata.name.clone(),
@@ -378,9 +369,11 @@ pub fn is_controlled_by(secret: &Secret, uid: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+
     use super::*;
     use crate::{
-        crd::{SecretSpec, TokenRequestSpec},
+        crd::{SecretSpec, SecretType, TokenRequestSpec},
         validation::{Placement, Policy, validate},
     };
 
@@ -402,6 +395,7 @@ mod tests {
             issued_at: "2026-01-01T00:00:00Z".parse().unwrap(),
             expires_at: "2026-01-01T01:00:00Z".parse().unwrap(),
             scopes: vec!["s1".into(), "s2".into()],
+            username: None,
         }
     }
 

@@ -147,6 +147,11 @@ pub enum SourceError {
     SubjectTokenUnused { origin: String },
     #[error("the operator's credentials file is unusable: {0}")]
     AmbientFile(String),
+    #[error(
+        "an ID token for the operator's own identity comes from the metadata server, and the operator runs \
+         with a credentials file: name spec.flow.idToken.serviceAccount"
+    )]
+    NoAmbientIdToken,
     #[error("obtaining a token for {identity} ({origin}) failed: {source}")]
     Exchange {
         identity: String,
@@ -188,6 +193,7 @@ impl SourceError {
                 | Self::ServiceAccountTokenSecret { .. }
                 | Self::NoSubjectToken { .. }
                 | Self::SubjectTokenUnused { .. }
+                | Self::NoAmbientIdToken
         )
     }
 
@@ -243,6 +249,15 @@ impl Sources<'_> {
             } => self.secret(name, key, *format, subject_token.as_ref(), scopes).await,
             Source::TokenRequest { name } => Ok(self.token_request(name)?),
             Source::Ambient => self.ambient(scopes).await,
+        }
+    }
+
+    /// Whether the operator's own identity can issue its own ID tokens: only the metadata server
+    /// can.
+    pub fn check_ambient_id_token(&self) -> Result<(), Arc<SourceError>> {
+        match self.ambient {
+            Ambient::MetadataServer => Ok(()),
+            Ambient::File(_) => Err(Arc::new(SourceError::NoAmbientIdToken)),
         }
     }
 

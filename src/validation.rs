@@ -9,9 +9,14 @@ use std::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{
-    AccessBoundary, RefreshSpec, SecretFormat, SecretSpec, SecretType, ServiceAccountTokenSource, SourceSpec,
-    SubjectTokenSource, SubjectTokenType, TokenRequestSpec, WorkloadKind,
+mod secret;
+
+use crate::{
+    crd::{
+        AccessBoundary, RefreshSpec, RepositoryAccess, SecretFormat, ServiceAccountTokenSource, SourceSpec,
+        SubjectTokenSource, SubjectTokenType, TokenRequestSpec, WorkloadKind,
+    },
+    formats::Format,
 };
 
 pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -20,7 +25,6 @@ const DEFAULT_LIFETIME_WHEN_UNKNOWN: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_IMPERSONATION_LIFETIME: Duration = Duration::from_secs(3600);
 pub const MAX_IMPERSONATION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 const DEFAULT_SA_TOKEN_EXPIRATION: i64 = 3600;
-const DEFAULT_TOKEN_KEY: &str = "token";
 const DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL: Duration = Duration::from_secs(10 * 60);
 /// Bounds of the durations a user sets. No Google access token lives longer than 12 h (IAM's
 /// maximum lifetime), so renewing earlier or assuming longer means nothing; a token assumed to
@@ -36,16 +40,8 @@ const EXPIRY_SLACK: Duration = Duration::from_secs(5 * 60);
 /// Developer Connect passes on a Git provider's own OAuth token, whose lifetime the provider sets
 /// (GitHub's user tokens live 8 h); a day is beyond any of them.
 const MAX_DEVELOPER_CONNECT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-/// Keys the operator writes next to the token in an Opaque Secret.
-pub const EXPIRES_AT_KEY: &str = "expires_at";
-pub const TOKEN_TYPE_KEY: &str = "token_type";
-
-/// Opaque Secrets: where the token replaced at the last refresh is kept until it expires.
-pub const PREVIOUS_SUFFIX: &str = ".previous";
-
-pub fn previous_token_key(token_key: &str) -> String {
-    format!("{token_key}{PREVIOUS_SUFFIX}")
-}
+/// Google issues ID tokens for one hour.
+const MAX_ID_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// A spec that passed validation, with defaults applied.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,6 +68,24 @@ pub enum Flow {
         scope: Option<String>,
         action: Option<String>,
     },
+    IdToken(IdTokenParams),
+    DeveloperConnectRepository {
+        git_repository_link: String,
+        access: RepositoryAccess,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct IdTokenParams {
+    pub audience: String,
+    /// `None`: the metadata server's own identity (with `source.ambient` only).
+    pub service_account: Option<String>,
+    /// In the documented `projects/-/serviceAccounts/EMAIL` form.
+    pub delegates: Vec<String>,
+    pub include_email: bool,
+    /// STS first, with the source as the subject token (no impersonation step: generateIdToken
+    /// is the impersonation).
+    pub federation: Option<StsParams>,
 }
 
 impl Flow {
@@ -82,6 +96,39 @@ impl Flow {
             Self::Impersonation(_) => "impersonation",
             Self::DeveloperConnect { .. } => "developerConnect",
             Self::DiscoveryEngine { .. } => "discoveryEngine",
+            Self::IdToken(_) => "idToken",
+            Self::DeveloperConnectRepository { .. } => "developerConnectRepository",
+        }
+    }
+
+    /// The username that goes with this flow's tokens where a consumer needs one, if the flow
+    /// decides it before the call: registries take Google access tokens as `oauth2accesstoken`.
+    /// Developer Connect repository tokens come with their own; the others have none.
+    pub fn default_username(&self) -> Option<&'static str> {
+        match self {
+            Self::Sts(_) | Self::Impersonation(_) => Some(crate::formats::OAUTH2_ACCESS_TOKEN_USER),
+            _ => None,
+        }
+    }
+
+    /// The subject token type, for flows whose first call is an STS exchange of the source.
+    fn sts_subject_type(&self) -> Option<SubjectTokenType> {
+        match self {
+            Self::Sts(sts)
+            | Self::IdToken(IdTokenParams {
+                federation: Some(sts), ..
+            }) => Some(sts.subject_token_type),
+            _ => None,
+        }
+    }
+
+    fn sts_audience(&self) -> Option<&str> {
+        match self {
+            Self::Sts(sts)
+            | Self::IdToken(IdTokenParams {
+                federation: Some(sts), ..
+            }) => Some(&sts.audience),
+            _ => None,
         }
     }
 
@@ -94,7 +141,8 @@ impl Flow {
                 impersonation: Some(p), ..
             }) => p.lifetime,
             Self::Sts(_) | Self::DiscoveryEngine { .. } => MAX_TOKEN_LIFETIME,
-            Self::DeveloperConnect { .. } => MAX_DEVELOPER_CONNECT_LIFETIME,
+            Self::DeveloperConnect { .. } | Self::DeveloperConnectRepository { .. } => MAX_DEVELOPER_CONNECT_LIFETIME,
+            Self::IdToken(_) => MAX_ID_TOKEN_LIFETIME,
         };
         longest.saturating_add(EXPIRY_SLACK)
     }
@@ -220,9 +268,7 @@ pub fn caller_scopes(flow: &Flow) -> Vec<String> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SecretLayout {
     pub name: String,
-    pub type_: SecretType,
-    pub registries: Vec<String>,
-    pub token_key: String,
+    pub format: Format,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
 }
@@ -278,7 +324,17 @@ pub fn validate(spec: &TokenRequestSpec, at: &Placement<'_>) -> Result<ValidSpec
     let mut p = Problems::default();
     let flow = validate_flow(spec, &mut p);
     let source = validate_source(&spec.source, flow.as_ref(), at, &mut p);
-    let secret = validate_secret(&spec.secret, own_name, &mut p);
+    let secret = secret::validate(&spec.secret, own_name, flow.as_ref(), &mut p);
+    if let Some(Flow::IdToken(IdTokenParams {
+        service_account: None, ..
+    })) = &flow
+    {
+        p.check(matches!(source, Some(Source::Ambient) | None), || {
+            "spec.flow.idToken.serviceAccount is required unless the source is ambient (the metadata server's own \
+             identity)"
+                .into()
+        });
+    }
     let refresh = validate_refresh(&spec.refresh, &mut p);
     let rollout = validate_rollout(spec, &mut p);
     match (flow, source) {
@@ -309,10 +365,40 @@ fn validate_flow(spec: &TokenRequestSpec, p: &mut Problems) -> Option<Flow> {
         f.impersonation.is_some(),
         f.developer_connect.is_some(),
         f.discovery_engine.is_some(),
+        f.id_token.is_some(),
+        f.developer_connect_repository.is_some(),
     ];
     if set.iter().filter(|s| **s).count() != 1 {
-        p.0.push("spec.flow: exactly one of sts, impersonation, developerConnect, discoveryEngine must be set".into());
+        p.0.push(
+            "spec.flow: exactly one of sts, impersonation, developerConnect, discoveryEngine, idToken, \
+             developerConnectRepository must be set"
+                .into(),
+        );
         return None;
+    }
+    if let Some(id) = &f.id_token {
+        return Some(validate_id_token(id, p));
+    }
+    if let Some(repo) = &f.developer_connect_repository {
+        p.check(
+            is_resource_name(
+                &repo.git_repository_link,
+                &["projects", "locations", "connections", "gitRepositoryLinks"],
+                None,
+            ),
+            || {
+                format!(
+                    "spec.flow.developerConnectRepository.gitRepositoryLink {} is not \
+                     projects/P/locations/L/connections/C/gitRepositoryLinks/R (each ID letters, digits, '-', '_' \
+                     and '.', not . or ..)",
+                    quote(&repo.git_repository_link)
+                )
+            },
+        );
+        return Some(Flow::DeveloperConnectRepository {
+            git_repository_link: repo.git_repository_link.clone(),
+            access: repo.access,
+        });
     }
     if let Some(sts) = &f.sts {
         p.check(is_sts_audience(&sts.audience), || {
@@ -411,6 +497,61 @@ fn validate_flow(spec: &TokenRequestSpec, p: &mut Problems) -> Option<Flow> {
     })
 }
 
+fn validate_id_token(id: &crate::crd::IdTokenFlow, p: &mut Problems) -> Flow {
+    const AT: &str = "spec.flow.idToken";
+    p.check(
+        !id.audience.is_empty() && !id.audience.chars().any(char::is_control),
+        || format!("{AT}.audience must be a non-empty URL or OAuth client id"),
+    );
+    let delegates = match &id.service_account {
+        Some(account) => {
+            let target = Target {
+                service_account: account,
+                delegates: &id.delegates,
+                lifetime: None,
+            };
+            target.validate(AT, Vec::new(), p).delegates
+        }
+        None => {
+            p.check(id.delegates.is_empty(), || {
+                format!("{AT}.delegates needs {AT}.serviceAccount: the metadata server issues its own identity's token")
+            });
+            p.check(id.federation.is_none(), || {
+                format!("{AT}.federation needs {AT}.serviceAccount: a federated identity calls generateIdToken for one")
+            });
+            Vec::new()
+        }
+    };
+    let federation = id.federation.as_ref().map(|fed| {
+        p.check(is_sts_audience(&fed.audience), || {
+            format!(
+                "{AT}.federation.audience {:?} is not a workload or workforce identity pool provider \
+                 (//iam.googleapis.com/projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER)",
+                fed.audience
+            )
+        });
+        if let Some(project) = &fed.user_project {
+            p.check(!project.is_empty() && project.len() <= 32, || {
+                format!("{AT}.federation.userProject must be 1 to 32 characters")
+            });
+        }
+        StsParams {
+            audience: fed.audience.clone(),
+            scopes: vec![CLOUD_PLATFORM_SCOPE.to_string()],
+            subject_token_type: fed.subject_token_type,
+            options: sts_options(None, fed.user_project.as_deref()),
+            impersonation: None,
+        }
+    });
+    Flow::IdToken(IdTokenParams {
+        audience: id.audience.clone(),
+        service_account: id.service_account.clone(),
+        delegates,
+        include_email: id.include_email,
+        federation,
+    })
+}
+
 fn validate_source(spec: &SourceSpec, flow: Option<&Flow>, at: &Placement<'_>, p: &mut Problems) -> Option<Source> {
     let set = [
         spec.service_account_token.is_some(),
@@ -423,14 +564,18 @@ fn validate_source(spec: &SourceSpec, flow: Option<&Flow>, at: &Placement<'_>, p
         return None;
     }
     if let Some(sat) = &spec.service_account_token {
-        let Some(Flow::Sts(sts)) = flow else {
-            p.0.push("spec.source.serviceAccountToken is only valid as the subject token of the sts flow".into());
+        let Some(sts_audience) = flow.and_then(Flow::sts_audience) else {
+            p.0.push(
+                "spec.source.serviceAccountToken is only valid as the subject token of the sts flow (or of \
+                 idToken.federation)"
+                    .into(),
+            );
             return None;
         };
         let expiration_seconds = validate_service_account_token(sat, "spec.source.serviceAccountToken", at, p);
         return Some(Source::ServiceAccountToken {
             service_account_name: sat.service_account_name.clone(),
-            audience: sat.audience.clone().unwrap_or_else(|| sts.audience.clone()),
+            audience: sat.audience.clone().unwrap_or_else(|| sts_audience.to_string()),
             expiration_seconds,
         });
     }
@@ -502,11 +647,8 @@ enum Yields {
 /// A Google access token is an STS subject only as `access_token` (to apply an access boundary);
 /// a JWT authenticates nothing but an STS exchange.
 fn check_fits_flow(yields: Yields, flow: Option<&Flow>, at: &str, p: &mut Problems) {
-    let sts_subject_type = match flow {
-        Some(Flow::Sts(sts)) => Some(sts.subject_token_type),
-        Some(_) => None,
-        None => return,
-    };
+    let Some(flow) = flow else { return };
+    let sts_subject_type = flow.sts_subject_type();
     match yields {
         Yields::AccessToken => p.check(
             sts_subject_type.is_none_or(|t| t == SubjectTokenType::AccessToken),
@@ -625,63 +767,6 @@ impl Target<'_> {
             scopes,
             lifetime,
         }
-    }
-}
-
-fn validate_secret(spec: &SecretSpec, own_name: &str, p: &mut Problems) -> SecretLayout {
-    let name = spec.name.clone().unwrap_or_else(|| own_name.to_string());
-    check_name(&name, "spec.secret.name", p);
-    let type_ = spec.type_;
-    let token_key = spec.token_key.clone().unwrap_or_else(|| DEFAULT_TOKEN_KEY.to_string());
-    match type_ {
-        SecretType::Opaque => {
-            p.check(spec.registries.is_empty(), || {
-                "spec.secret.registries is only valid with type kubernetes.io/dockerconfigjson".into()
-            });
-            // The previous token goes under the same key with a suffix, which must fit too.
-            p.check(
-                is_secret_key(&token_key) && is_secret_key(&previous_token_key(&token_key)),
-                || format!("spec.secret.tokenKey {token_key:?} is not a valid Secret key"),
-            );
-            p.check(token_key != EXPIRES_AT_KEY && token_key != TOKEN_TYPE_KEY, || {
-                format!("spec.secret.tokenKey must not be {EXPIRES_AT_KEY:?} or {TOKEN_TYPE_KEY:?}, which the operator writes")
-            });
-        }
-        SecretType::DockerConfigJson => {
-            p.check(spec.token_key.is_none(), || {
-                "spec.secret.tokenKey is only valid with type Opaque".into()
-            });
-            p.check(!spec.registries.is_empty(), || {
-                "spec.secret.registries must name at least one registry host for type kubernetes.io/dockerconfigjson"
-                    .into()
-            });
-            for host in &spec.registries {
-                p.check(is_registry_host(host), || {
-                    format!("spec.secret.registries: {host:?} is not a registry host (e.g. us-docker.pkg.dev)")
-                });
-            }
-        }
-    }
-    for key in spec.labels.keys().chain(spec.annotations.keys()) {
-        p.check(!crate::render::is_reserved_metadata_key(key), || {
-            format!("spec.secret: the label or annotation {key:?} is reserved for the operator")
-        });
-        p.check(is_qualified_name(key), || {
-            format!("spec.secret: {key:?} is not a valid label or annotation key")
-        });
-    }
-    for (key, value) in &spec.labels {
-        p.check(is_label_value(value), || {
-            format!("spec.secret.labels[{key:?}]: {value:?} is not a valid label value")
-        });
-    }
-    SecretLayout {
-        name,
-        type_,
-        registries: spec.registries.clone(),
-        token_key,
-        labels: spec.labels.clone(),
-        annotations: spec.annotations.clone(),
     }
 }
 
@@ -921,11 +1006,6 @@ fn is_secret_key(key: &str) -> bool {
         && key.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
 }
 
-fn is_registry_host(host: &str) -> bool {
-    let (name, port) = host.split_once(':').unwrap_or((host, "1"));
-    port.parse::<u16>().is_ok() && is_dns_subdomain(&name.to_ascii_lowercase())
-}
-
 fn is_label_value(value: &str) -> bool {
     value.is_empty() || (value.len() <= 63 && is_qualified_name_part(value))
 }
@@ -947,7 +1027,10 @@ fn is_qualified_name_part(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{FlowSpec, ImpersonationFlow, SecretKeySource, ServiceAccountTokenSource, StsFlow};
+    use crate::{
+        crd::{FlowSpec, ImpersonationFlow, SecretKeySource, SecretType, ServiceAccountTokenSource, StsFlow},
+        formats::EXPIRES_AT_KEY,
+    };
 
     const AUDIENCE: &str =
         "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/pool/providers/prov";
@@ -1012,7 +1095,12 @@ mod tests {
             }
         );
         assert_eq!(v.secret.name, "tr");
-        assert_eq!(v.secret.token_key, "token");
+        assert_eq!(
+            v.secret.format,
+            Format::Opaque {
+                token_key: "token".into()
+            }
+        );
         assert_eq!(v.refresh.renew_before, RenewBefore::Percentage(33));
         assert_eq!(v.refresh.lifetime_when_unknown, Duration::from_secs(900));
     }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use gcp_token_operator_testkit::emulator::{Endpoint, Fault, GoogleEmulator};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use reqwest::{Client, RequestBuilder, Response};
 use serde_json::{Value, json};
 
@@ -87,10 +88,28 @@ async fn metadata_token(emu: &GoogleEmulator, http: &Client) -> String {
 }
 
 fn generate(emu: &GoogleEmulator, http: &Client, account: &str, bearer: Option<&str>, body: Value) -> RequestBuilder {
-    let url = format!(
-        "{}/v1/projects/-/serviceAccounts/{account}:generateAccessToken",
-        emu.base_url()
-    );
+    iam_credentials(emu, http, "generateAccessToken", account, bearer, body)
+}
+
+fn generate_id(
+    emu: &GoogleEmulator,
+    http: &Client,
+    account: &str,
+    bearer: Option<&str>,
+    body: Value,
+) -> RequestBuilder {
+    iam_credentials(emu, http, "generateIdToken", account, bearer, body)
+}
+
+fn iam_credentials(
+    emu: &GoogleEmulator,
+    http: &Client,
+    method: &str,
+    account: &str,
+    bearer: Option<&str>,
+    body: Value,
+) -> RequestBuilder {
+    let url = format!("{}/v1/projects/-/serviceAccounts/{account}:{method}", emu.base_url());
     let request = http.post(url).json(&body);
     match bearer {
         Some(token) => request.bearer_auth(token),
@@ -877,6 +896,10 @@ async fn a_service_account_latency_delays_only_that_account() {
     let (status, _) = send(generate(&emu, &http, TARGET_SA, Some(&caller), request)).await;
     assert_eq!(status, 200);
     assert!(started.elapsed() >= Duration::from_millis(500));
+    // The account's ID tokens hang as long.
+    let started = Instant::now();
+    id_token(&emu, &http, TARGET_SA, &caller, json!({"audience": "a"})).await;
+    assert!(started.elapsed() >= Duration::from_millis(500));
 }
 
 #[tokio::test]
@@ -919,4 +942,618 @@ async fn dropping_the_emulator_stops_the_server() {
         assert!(Instant::now() < deadline, "still accepting connections");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// ---- ID tokens --------------------------------------------------------------------------------
+
+const GOOGLE_ISSUER: &str = "https://accounts.google.com";
+const RUN_AUDIENCE: &str = "https://app-abc123-uc.a.run.app";
+
+/// The emulator's JWK set, fetched as a verifier would.
+async fn certs(emu: &GoogleEmulator, http: &Client) -> JwkSet {
+    let response = http.get(emu.id_token_certs_url()).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("a JWK set")
+}
+
+/// The claims of `jwt` once its RS256 signature, issuer, audience and expiry check out against
+/// the emulator's published keys.
+async fn verified_claims(emu: &GoogleEmulator, http: &Client, jwt: &str, audience: &str) -> Value {
+    let header = jsonwebtoken::decode_header(jwt).expect("a JWT");
+    assert_eq!(header.alg, Algorithm::RS256);
+    let keys = certs(emu, http).await;
+    let jwk = keys.find(&header.kid.expect("a kid")).expect("kid listed in the JWKS");
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.set_audience(&[audience]);
+    validation.set_issuer(&[GOOGLE_ISSUER]);
+    let key = DecodingKey::from_jwk(jwk).unwrap();
+    jsonwebtoken::decode::<Value>(jwt, &key, &validation)
+        .expect("signed by the emulator's key")
+        .claims
+}
+
+/// An ID token for `account`, asked for by `caller` with `request`.
+async fn id_token(emu: &GoogleEmulator, http: &Client, account: &str, caller: &str, request: Value) -> String {
+    let (status, body) = send(generate_id(emu, http, account, Some(caller), request)).await;
+    assert_eq!(status, 200, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+fn claim_names(claims: &Value) -> Vec<&str> {
+    let mut names: Vec<&str> = claims.as_object().unwrap().keys().map(String::as_str).collect();
+    names.sort_unstable();
+    names
+}
+
+fn lifetime_claim(claims: &Value) -> u64 {
+    claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap()
+}
+
+fn identity(emu: &GoogleEmulator, http: &Client, account: &str, query: &str) -> RequestBuilder {
+    let url = format!(
+        "{}/computeMetadata/v1/instance/service-accounts/{account}/identity{query}",
+        emu.base_url()
+    );
+    http.get(url).header("Metadata-Flavor", "Google")
+}
+
+#[tokio::test]
+async fn generate_id_token_answers_a_jwt_signed_with_the_published_key() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    let request = json!({"audience": RUN_AUDIENCE});
+    let (status, body) = send(generate_id(&emu, &http, TARGET_SA, Some(&caller), request)).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body.as_object().unwrap().len(),
+        1,
+        "only the token, no expiry field: {body}"
+    );
+    let jwt = body["token"].as_str().unwrap();
+    let claims = verified_claims(&emu, &http, jwt, RUN_AUDIENCE).await;
+    assert_eq!(claim_names(&claims), ["aud", "azp", "exp", "iat", "iss", "sub"]);
+    assert_eq!(claims["aud"], RUN_AUDIENCE);
+    let sub = claims["sub"].as_str().unwrap();
+    assert!(sub.len() == 21 && sub.bytes().all(|b| b.is_ascii_digit()), "{sub}");
+    assert_eq!(claims["azp"], sub);
+    assert_eq!(lifetime_claim(&claims), 3600);
+    assert!(claims["iat"].as_u64().unwrap().abs_diff(now_secs()) <= 5);
+
+    let info = emu.token_info(jwt).unwrap();
+    assert_eq!(info.principal, format!("serviceAccount:{TARGET_SA}"));
+    assert_eq!(info.endpoint, Endpoint::GenerateIdToken);
+    assert!(info.scopes.is_empty());
+    assert!((3595..=3600).contains(&secs_left(info.expires_at)));
+    assert_eq!(emu.issued_tokens(), [caller.as_str(), jwt]);
+
+    // The unique ID is the account's, whoever asks and for whatever audience.
+    let other = id_token(&emu, &http, TARGET_SA, &caller, json!({"audience": "other"})).await;
+    let other = verified_claims(&emu, &http, &other, "other").await;
+    assert_eq!(other["sub"], sub);
+}
+
+#[tokio::test]
+async fn generate_id_token_adds_the_email_on_request_and_follows_the_lifetime() {
+    let (emu, http) = setup().await;
+    emu.set_lifetime(Endpoint::GenerateIdToken, Duration::from_secs(600));
+    let caller = metadata_token(&emu, &http).await;
+    let request = json!({"audience": RUN_AUDIENCE, "includeEmail": true});
+    let (status, body) = send(generate_id(&emu, &http, TARGET_SA, Some(&caller), request)).await;
+
+    assert_eq!(status, 200, "{body}");
+    let jwt = body["token"].as_str().unwrap();
+    let claims = verified_claims(&emu, &http, jwt, RUN_AUDIENCE).await;
+    assert_eq!(
+        claim_names(&claims),
+        ["aud", "azp", "email", "email_verified", "exp", "iat", "iss", "sub"]
+    );
+    assert_eq!(claims["email"], TARGET_SA);
+    assert_eq!(claims["email_verified"], true);
+    assert_eq!(lifetime_claim(&claims), 600);
+    assert!((595..=600).contains(&secs_left(emu.token_info(jwt).unwrap().expires_at)));
+
+    let request = json!({"audience": RUN_AUDIENCE, "includeEmail": false});
+    let jwt = id_token(&emu, &http, TARGET_SA, &caller, request).await;
+    let claims = verified_claims(&emu, &http, &jwt, RUN_AUDIENCE).await;
+    assert!(
+        claims.get("email").is_none() && claims.get("email_verified").is_none(),
+        "{claims}"
+    );
+}
+
+#[tokio::test]
+async fn generate_id_token_needs_the_grant_along_the_delegation_chain() {
+    let (emu, http) = setup().await;
+    let middle = "middle@proj.iam.gserviceaccount.com";
+    let end = "end@proj.iam.gserviceaccount.com";
+    emu.add_service_account(middle, &[&format!("serviceAccount:{METADATA_SA}")]);
+    emu.add_service_account(end, &[&format!("serviceAccount:{middle}")]);
+    let caller = metadata_token(&emu, &http).await;
+
+    let request = json!({"audience": RUN_AUDIENCE, "delegates": [format!("projects/-/serviceAccounts/{middle}")]});
+    let (status, body) = send(generate_id(&emu, &http, end, Some(&caller), request)).await;
+    assert_eq!(status, 200, "{body}");
+    let claims = verified_claims(&emu, &http, body["token"].as_str().unwrap(), RUN_AUDIENCE).await;
+    assert_eq!(
+        emu.token_info(body["token"].as_str().unwrap()).unwrap().principal,
+        format!("serviceAccount:{end}")
+    );
+    assert!(claims["sub"].is_string());
+
+    for account in [end, "missing@proj.iam.gserviceaccount.com"] {
+        let request = json!({"audience": RUN_AUDIENCE});
+        let (status, body) = send(generate_id(&emu, &http, account, Some(&caller), request)).await;
+        assert_eq!(status, 403, "{account}");
+        assert_eq!(
+            body,
+            json!({"error": {
+                "code": 403,
+                "message": "Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource (or it may not exist).",
+                "status": "PERMISSION_DENIED",
+                "details": [{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "IAM_PERMISSION_DENIED",
+                    "domain": "iam.googleapis.com",
+                    "metadata": {"permission": "iam.serviceAccounts.getOpenIdToken"},
+                }],
+            }})
+        );
+    }
+    assert_eq!(emu.issued_tokens().len(), 2, "the caller's token and one ID token");
+}
+
+#[tokio::test]
+async fn generate_id_token_rejects_malformed_requests() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    for request in [
+        json!({}),
+        json!({"audience": ""}),
+        json!({"audience": RUN_AUDIENCE, "scope": [CLOUD_PLATFORM]}),
+        json!({"audience": RUN_AUDIENCE, "includeEmail": "yes"}),
+        json!({"audience": RUN_AUDIENCE, "delegates": ["middle@proj.iam.gserviceaccount.com"]}),
+    ] {
+        let (status, body) = send(generate_id(&emu, &http, TARGET_SA, Some(&caller), request.clone())).await;
+        assert_eq!(status, 400, "{request}");
+        assert_rpc_error(&body, 400, "INVALID_ARGUMENT");
+    }
+    let url = format!(
+        "{}/v1/projects/proj/serviceAccounts/{TARGET_SA}:generateIdToken",
+        emu.base_url()
+    );
+    let (status, body) = send(http.post(url).bearer_auth(&caller).json(&json!({"audience": "a"}))).await;
+    assert_eq!(status, 400);
+    assert_rpc_error(&body, 400, "INVALID_ARGUMENT");
+
+    let (status, body) = send(generate_id(&emu, &http, TARGET_SA, None, json!({"audience": "a"}))).await;
+    assert_eq!(status, 401);
+    assert_rpc_error(&body, 401, "UNAUTHENTICATED");
+    assert_eq!(emu.issued_tokens(), [caller]);
+}
+
+#[tokio::test]
+async fn an_id_token_is_no_bearer_credential_for_google_apis() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    let jwt = id_token(&emu, &http, TARGET_SA, &caller, json!({"audience": "a"})).await;
+
+    let request = json!({"scope": [CLOUD_PLATFORM]});
+    let (status, body) = send(generate(&emu, &http, TARGET_SA, Some(&jwt), request)).await;
+    assert_eq!(status, 401);
+    assert_rpc_error(&body, 401, "UNAUTHENTICATED");
+    assert_eq!(body["error"]["details"][0]["reason"], "ACCESS_TOKEN_TYPE_UNSUPPORTED");
+
+    let (status, _) = send(http.get(format!("{}/tokeninfo?access_token={jwt}", emu.base_url()))).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn the_certs_endpoint_publishes_one_rsa_key_as_google_does() {
+    let (emu, http) = setup().await;
+    assert_eq!(emu.id_token_certs_url(), format!("{}/oauth2/v3/certs", emu.base_url()));
+    let (status, body) = send(http.get(emu.id_token_certs_url())).await;
+    assert_eq!(status, 200, "{body}");
+    let keys = body["keys"].as_array().unwrap();
+    assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+    assert_eq!(keys.len(), 1, "{body}");
+    assert_eq!(claim_names(&keys[0]), ["alg", "e", "kid", "kty", "n", "use"]);
+    assert_eq!(keys[0]["kty"], "RSA");
+    assert_eq!(keys[0]["alg"], "RS256");
+    assert_eq!(keys[0]["use"], "sig");
+    assert_eq!(keys[0]["e"], "AQAB");
+    let n = keys[0]["n"].as_str().unwrap();
+    assert_eq!(
+        URL_SAFE_NO_PAD.decode(n).unwrap().len(),
+        256,
+        "a 2048-bit modulus, base64url unpadded"
+    );
+    assert!(keys[0]["kid"].as_str().is_some_and(|kid| !kid.is_empty()));
+    assert_eq!(emu.calls(Endpoint::Certs), 1);
+
+    // Each emulator has a key of its own.
+    let other = GoogleEmulator::start().await.unwrap();
+    assert_ne!(
+        certs(&other, &http).await.keys[0].common.key_id,
+        keys[0]["kid"].as_str().map(str::to_owned)
+    );
+}
+
+#[tokio::test]
+async fn id_token_times_read_the_emulator_clock() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    emu.set_clock_offset(k8s_openapi::jiff::SignedDuration::from_secs(7200));
+    let jwt = id_token(&emu, &http, TARGET_SA, &caller, json!({"audience": "a"})).await;
+
+    let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(&jwt).unwrap();
+    let ahead = claims["iat"].as_u64().unwrap() - now_secs();
+    assert!((7195..=7200).contains(&ahead), "{ahead}");
+    assert_eq!(lifetime_claim(&claims), 3600);
+    // It still expires after its lifetime by the real clock.
+    assert!((3595..=3600).contains(&secs_left(emu.token_info(&jwt).unwrap().expires_at)));
+}
+
+#[tokio::test]
+async fn id_token_faults_withhold_the_token_or_fail_in_the_endpoint_shape() {
+    let (emu, http) = setup().await;
+    let caller = metadata_token(&emu, &http).await;
+    emu.fail_next(Endpoint::GenerateIdToken, 1, Fault::EmptyToken);
+    emu.fail_next(
+        Endpoint::GenerateIdToken,
+        1,
+        Fault::Status {
+            code: 503,
+            retry_after: None,
+        },
+    );
+    let request = json!({"audience": "a"});
+    let (status, body) = send(generate_id(&emu, &http, TARGET_SA, Some(&caller), request.clone())).await;
+    assert_eq!((status, body), (200, json!({"token": ""})));
+    let (status, body) = send(generate_id(&emu, &http, TARGET_SA, Some(&caller), request)).await;
+    assert_eq!(status, 503);
+    assert_rpc_error(&body, 503, "UNAVAILABLE");
+
+    emu.fail_next(Endpoint::MetadataIdentity, 1, Fault::EmptyToken);
+    let response = identity(&emu, &http, "default", "?audience=a").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "");
+    assert_eq!(emu.issued_tokens(), [caller]);
+}
+
+// ---- Metadata server identity -----------------------------------------------------------------
+
+#[tokio::test]
+async fn metadata_identity_answers_the_bare_jwt() {
+    let (emu, http) = setup().await;
+    let response = identity(&emu, &http, "default", &format!("?audience={RUN_AUDIENCE}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["metadata-flavor"], "Google");
+    assert_eq!(response.headers()["content-type"], "text/html; charset=utf-8");
+    let jwt = response.text().await.unwrap();
+    let claims = verified_claims(&emu, &http, &jwt, RUN_AUDIENCE).await;
+    assert_eq!(claim_names(&claims), ["aud", "azp", "exp", "iat", "iss", "sub"]);
+    assert_eq!(lifetime_claim(&claims), 3600);
+    let info = emu.token_info(&jwt).unwrap();
+    assert_eq!(info.principal, format!("serviceAccount:{METADATA_SA}"));
+    assert_eq!(info.endpoint, Endpoint::MetadataIdentity);
+    assert_eq!(emu.issued_tokens(), [jwt.as_str()]);
+
+    // `sub` is the account's unique ID, as `tokeninfo` reports it for the account's access tokens.
+    let access = metadata_token(&emu, &http).await;
+    let (_, info) = send(http.get(format!("{}/tokeninfo?access_token={access}", emu.base_url()))).await;
+    assert_eq!(claims["sub"], info["sub"]);
+}
+
+#[tokio::test]
+async fn metadata_identity_full_format_carries_the_email() {
+    let (emu, http) = setup().await;
+    emu.set_lifetime(Endpoint::MetadataIdentity, Duration::from_secs(900));
+    for query in ["?audience=aud&format=full", "?audience=aud&format=full&licenses=TRUE"] {
+        let response = identity(&emu, &http, METADATA_SA, query).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{query}");
+        let claims = verified_claims(&emu, &http, &response.text().await.unwrap(), "aud").await;
+        assert_eq!(claims["email"], METADATA_SA);
+        assert_eq!(claims["email_verified"], true);
+        assert_eq!(lifetime_claim(&claims), 900);
+    }
+    let response = identity(&emu, &http, "default", "?audience=aud&format=standard")
+        .send()
+        .await
+        .unwrap();
+    let claims = verified_claims(&emu, &http, &response.text().await.unwrap(), "aud").await;
+    assert!(claims.get("email").is_none(), "{claims}");
+}
+
+#[tokio::test]
+async fn metadata_identity_requires_flavor_audience_and_identity() {
+    let (emu, http) = setup().await;
+    let url = format!(
+        "{}/computeMetadata/v1/instance/service-accounts/default/identity?audience=a",
+        emu.base_url()
+    );
+    let response = http.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["metadata-flavor"], "Google");
+
+    for query in ["", "?audience=", "?format=full"] {
+        let response = identity(&emu, &http, "default", query).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        assert_eq!(response.text().await.unwrap(), "non-empty audience parameter required");
+    }
+    let response = identity(&emu, &http, "default", "?audience=a&format=compact")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    let response = identity(&emu, &http, "other@proj.iam.gserviceaccount.com", "?audience=a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let bare = GoogleEmulator::start().await.unwrap();
+    assert_eq!(
+        identity(&bare, &http, "default", "?audience=a")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert!(emu.issued_tokens().is_empty());
+    assert_eq!(emu.calls(Endpoint::MetadataIdentity), 6);
+}
+
+// ---- Developer Connect repository tokens ------------------------------------------------------
+
+const LINK: &str = "projects/proj/locations/us-central1/connections/github/gitRepositoryLinks/app";
+const OTHER_LINK: &str = "projects/proj/locations/us-central1/connections/github/gitRepositoryLinks/lib";
+const GIT_USER: &str = "x-access-token";
+const READER: &str = "reader@proj.iam.gserviceaccount.com";
+
+/// [`setup`] with two links: on [`LINK`] the metadata account may write and [`READER`] may
+/// only read; [`OTHER_LINK`] anyone may read.
+async fn setup_repositories() -> (GoogleEmulator, Client) {
+    let (emu, http) = setup().await;
+    let writer = format!("serviceAccount:{METADATA_SA}");
+    emu.add_git_repository_link(LINK, GIT_USER, &[&format!("serviceAccount:{READER}")], &[&writer]);
+    emu.add_git_repository_link(OTHER_LINK, GIT_USER, &["*"], &[]);
+    emu.add_service_account(READER, &["*"]);
+    (emu, http)
+}
+
+fn fetch_repo(emu: &GoogleEmulator, http: &Client, link: &str, write: bool, token: &str) -> RequestBuilder {
+    let method = if write { "fetchReadWriteToken" } else { "fetchReadToken" };
+    http.post(format!("{}/v1/{link}:{method}", emu.base_url()))
+        .bearer_auth(token)
+}
+
+/// An access token for `account`, which the metadata server's account impersonates.
+async fn impersonated_token(emu: &GoogleEmulator, http: &Client, account: &str) -> String {
+    let caller = metadata_token(emu, http).await;
+    let request = json!({"scope": [CLOUD_PLATFORM]});
+    let (status, body) = send(generate(emu, http, account, Some(&caller), request)).await;
+    assert_eq!(status, 200, "{body}");
+    body["accessToken"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn fetch_read_token_answers_token_expiry_and_git_username() {
+    let (emu, http) = setup_repositories().await;
+    let caller = metadata_token(&emu, &http).await;
+    let (status, body) = send(fetch_repo(&emu, &http, LINK, false, &caller)).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(claim_names(&body), ["expirationTime", "gitUsername", "token"]);
+    assert_eq!(body["gitUsername"], GIT_USER);
+    assert_rfc3339(body["expirationTime"].as_str().unwrap());
+    let token = body["token"].as_str().unwrap();
+    let info = emu.token_info(token).unwrap();
+    assert_eq!(info.principal, format!("serviceAccount:{METADATA_SA}"));
+    assert_eq!(info.endpoint, Endpoint::FetchReadToken);
+    assert!(info.scopes.is_empty());
+    assert!((3595..=3600).contains(&secs_left(info.expires_at)));
+    assert!(emu.issued_tokens().iter().any(|t| t == token));
+
+    assert!(emu.git_credentials_valid(LINK, GIT_USER, token, false));
+    assert!(
+        !emu.git_credentials_valid(LINK, GIT_USER, token, true),
+        "a read token cannot push"
+    );
+    assert!(
+        !emu.git_credentials_valid(LINK, "oauth2", token, false),
+        "wrong username"
+    );
+    assert!(
+        !emu.git_credentials_valid(OTHER_LINK, GIT_USER, token, false),
+        "another link"
+    );
+    assert!(!emu.git_credentials_valid(
+        "projects/p/locations/l/connections/c/gitRepositoryLinks/x",
+        GIT_USER,
+        token,
+        false
+    ));
+    assert!(
+        !emu.git_credentials_valid(LINK, GIT_USER, &caller, false),
+        "an access token is no repository token"
+    );
+    assert!(!emu.git_credentials_valid(LINK, GIT_USER, "forged", false));
+}
+
+#[tokio::test]
+async fn writers_fetch_both_kinds_and_readers_only_read_tokens() {
+    let (emu, http) = setup_repositories().await;
+    let writer = metadata_token(&emu, &http).await;
+    let (status, body) = send(fetch_repo(&emu, &http, LINK, true, &writer)).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().unwrap();
+    assert_eq!(emu.token_info(token).unwrap().endpoint, Endpoint::FetchReadWriteToken);
+    assert!(emu.git_credentials_valid(LINK, GIT_USER, token, true));
+    assert!(
+        emu.git_credentials_valid(LINK, GIT_USER, token, false),
+        "write implies read"
+    );
+
+    let reader = impersonated_token(&emu, &http, READER).await;
+    let (status, _) = send(fetch_repo(&emu, &http, LINK, false, &reader)).await;
+    assert_eq!(status, 200);
+    let (status, body) = send(fetch_repo(&emu, &http, LINK, true, &reader)).await;
+    assert_eq!(status, 403);
+    let permission = "developerconnect.gitRepositoryLinks.fetchReadWriteToken";
+    assert_eq!(
+        body,
+        json!({"error": {
+            "code": 403,
+            "message": format!("Permission '{permission}' denied on resource '{LINK}' (or it may not exist)."),
+            "status": "PERMISSION_DENIED",
+            "details": [{
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "IAM_PERMISSION_DENIED",
+                "domain": "iam.googleapis.com",
+                "metadata": {"permission": permission, "resource": LINK},
+            }],
+        }})
+    );
+
+    // "*" admits any caller; a link without writers grants no write token to anyone.
+    let (status, _) = send(fetch_repo(&emu, &http, OTHER_LINK, false, &reader)).await;
+    assert_eq!(status, 200);
+    let (status, _) = send(fetch_repo(&emu, &http, OTHER_LINK, true, &writer)).await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn a_caller_without_a_grant_is_denied_the_read_token() {
+    let (emu, http) = setup_repositories().await;
+    let stranger = "stranger@proj.iam.gserviceaccount.com";
+    emu.add_service_account(stranger, &["*"]);
+    let token = impersonated_token(&emu, &http, stranger).await;
+    let (status, body) = send(fetch_repo(&emu, &http, LINK, false, &token)).await;
+    assert_eq!(status, 403);
+    assert_rpc_error(&body, 403, "PERMISSION_DENIED");
+    assert_eq!(
+        body["error"]["details"][0]["metadata"]["permission"],
+        "developerconnect.gitRepositoryLinks.fetchReadToken"
+    );
+}
+
+#[tokio::test]
+async fn repository_tokens_need_a_known_link_an_empty_body_and_an_access_token() {
+    let (emu, http) = setup_repositories().await;
+    let caller = metadata_token(&emu, &http).await;
+    let unknown = LINK.replace("/app", "/missing");
+    let (status, body) = send(fetch_repo(&emu, &http, &unknown, false, &caller)).await;
+    assert_eq!(status, 404);
+    assert_rpc_error(&body, 404, "NOT_FOUND");
+    assert_eq!(
+        body["error"]["details"],
+        json!([{"@type": "type.googleapis.com/google.rpc.ResourceInfo", "resourceName": unknown}])
+    );
+
+    let (status, body) = send(fetch_repo(&emu, &http, LINK, true, &caller).json(&json!({"scope": "x"}))).await;
+    assert_eq!(status, 400);
+    assert_rpc_error(&body, 400, "INVALID_ARGUMENT");
+    let (status, body) = send(fetch_repo(&emu, &http, LINK, true, &caller).json(&json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+
+    // A repository token is a Git credential, not a Google one.
+    let repo_token = body["token"].as_str().unwrap();
+    let (status, body) = send(fetch_repo(&emu, &http, LINK, false, repo_token)).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["details"][0]["reason"], "ACCESS_TOKEN_TYPE_UNSUPPORTED");
+    let (status, _) = send(http.post(format!("{}/v1/{LINK}:fetchReadToken", emu.base_url()))).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn repository_token_faults_apply() {
+    let (emu, http) = setup_repositories().await;
+    let caller = metadata_token(&emu, &http).await;
+    emu.fail_next(Endpoint::FetchReadToken, 1, Fault::EmptyExpiration);
+    emu.fail_next(Endpoint::FetchReadToken, 1, Fault::EmptyToken);
+    emu.fail_next(
+        Endpoint::FetchReadWriteToken,
+        1,
+        Fault::Status {
+            code: 429,
+            retry_after: Some(3),
+        },
+    );
+
+    let (status, body) = send(fetch_repo(&emu, &http, LINK, false, &caller)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["expirationTime"], "");
+    let token = body["token"].as_str().unwrap();
+    assert!(emu.git_credentials_valid(LINK, GIT_USER, token, false));
+
+    let (status, body) = send(fetch_repo(&emu, &http, LINK, false, &caller)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["token"], "");
+    assert_eq!(
+        emu.issued_tokens().len(),
+        2,
+        "the caller's token and the first repository token"
+    );
+
+    let response = fetch_repo(&emu, &http, LINK, true, &caller).send().await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "3");
+    assert_rpc_error(&response.json().await.unwrap(), 429, "RESOURCE_EXHAUSTED");
+}
+
+#[tokio::test]
+async fn repository_tokens_expire_by_the_real_clock() {
+    let (emu, http) = setup_repositories().await;
+    let caller = metadata_token(&emu, &http).await;
+    // The emulator's clock runs 2 h late: the answer says so, the token lives on regardless.
+    emu.set_clock_offset(k8s_openapi::jiff::SignedDuration::from_secs(-7200));
+    let (_, body) = send(fetch_repo(&emu, &http, LINK, false, &caller)).await;
+    let expiration: k8s_openapi::jiff::Timestamp = body["expirationTime"].as_str().unwrap().parse().unwrap();
+    let behind = k8s_openapi::jiff::Timestamp::now().duration_since(expiration).as_secs();
+    assert!((3595..=3601).contains(&behind), "{behind}");
+    assert!(emu.git_credentials_valid(LINK, GIT_USER, body["token"].as_str().unwrap(), false));
+
+    emu.set_lifetime(Endpoint::FetchReadWriteToken, Duration::from_millis(300));
+    let (_, body) = send(fetch_repo(&emu, &http, LINK, true, &caller)).await;
+    let short = body["token"].as_str().unwrap();
+    assert!(emu.git_credentials_valid(LINK, GIT_USER, short, true));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!emu.git_credentials_valid(LINK, GIT_USER, short, true), "expired");
+}
+
+// ---- Revocation -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn revoked_tokens_are_refused_but_still_known() {
+    let (emu, http) = setup_repositories().await;
+    let caller = metadata_token(&emu, &http).await;
+    let (_, body) = send(fetch_repo(&emu, &http, LINK, true, &caller)).await;
+    let repo_token = body["token"].as_str().unwrap().to_owned();
+    let jwt = id_token(&emu, &http, TARGET_SA, &caller, json!({"audience": "a"})).await;
+
+    for token in [&caller, &repo_token, &jwt] {
+        emu.revoke(token);
+        assert!(emu.token_info(token).is_some(), "revoked tokens stay in the registry");
+    }
+    emu.revoke("never-issued");
+
+    assert!(!emu.git_credentials_valid(LINK, GIT_USER, &repo_token, false));
+    let (status, body) = send(generate(
+        &emu,
+        &http,
+        TARGET_SA,
+        Some(&caller),
+        json!({"scope": [CLOUD_PLATFORM]}),
+    ))
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["details"][0]["reason"], "ACCESS_TOKEN_EXPIRED");
+    let (status, _) = send(http.get(format!("{}/tokeninfo?access_token={caller}", emu.base_url()))).await;
+    assert_eq!(status, 400);
+    assert_eq!(emu.issued_tokens(), [caller, repo_token, jwt]);
 }

@@ -202,6 +202,7 @@ proptest! {
         longest in duration(), registries in 0usize..65, docker in any::<bool>(),
     ) {
         let record = TokenRecord {
+            username: None,
             token: SecretString::from("t".repeat(token_len)),
             issued_at: now,
             expires_at: expires,

@@ -35,7 +35,7 @@ use crate::{
     singleflight::Key,
     source::{SourceError, Sources},
     status::{self, Reason},
-    validation::{Flow, Placement, ValidSpec, caller_scopes, validate},
+    validation::{Flow, IdTokenParams, Placement, ValidSpec, caller_scopes, validate},
 };
 
 /// How soon a failed rollout restart is tried again.
@@ -432,6 +432,19 @@ impl<'a> Reconciler<'a> {
 
     async fn mint(&self, spec: &ValidSpec) -> Result<TokenRecord, Failure> {
         let sources = self.sources();
+        if let Flow::IdToken(IdTokenParams {
+            service_account: None,
+            audience,
+            include_email,
+            ..
+        }) = &spec.flow
+        {
+            let issued_at = refresh::whole_second(Timestamp::now());
+            sources.check_ambient_id_token()?;
+            let issued = self.ctx.google.metadata_id_token(audience, *include_email).await;
+            let issued = issued.map_err(Arc::new)?;
+            return self.record(spec, issued, issued_at, None);
+        }
         let caller = sources.resolve(&spec.source, &caller_scopes(&spec.flow)).await?;
         let issued_at = refresh::whole_second(Timestamp::now());
         let issued = self.exchange(&spec.flow, &caller.token).await;
@@ -441,6 +454,17 @@ impl<'a> Reconciler<'a> {
         let issued = issued?;
         // STS returns no expiry for an access-token subject: the new token lives as long as that one.
         let inherited = matches!(spec.flow, Flow::Sts(_)).then_some(caller.expires_at).flatten();
+        self.record(spec, issued, issued_at, inherited)
+    }
+
+    /// The record of a token just issued, if it is one worth storing.
+    fn record(
+        &self,
+        spec: &ValidSpec,
+        issued: IssuedToken,
+        issued_at: Timestamp,
+        inherited: Option<Timestamp>,
+    ) -> Result<TokenRecord, Failure> {
         let expires_at = issued
             .expires_at
             .or(inherited)
@@ -458,6 +482,7 @@ impl<'a> Reconciler<'a> {
             issued_at,
             expires_at,
             scopes,
+            username: issued.username,
         };
         render::check_issued(&record, Timestamp::now(), spec.flow.max_lifetime())?;
         Ok(record)
@@ -617,6 +642,7 @@ impl<'a> Reconciler<'a> {
         status.next_refresh_time = Some(Time(refresh_at));
         status.scopes = record.scopes.clone();
         status.token_fingerprint = Some(record.fingerprint());
+        status.username = record.username.clone();
         status.failed_attempts = None;
         let restart_at = self.restart_rollouts(spec, record, &mut status).await;
         self.set_schedule(Some(record.expires_at), refresh_at);
@@ -770,6 +796,7 @@ impl<'a> Reconciler<'a> {
         status.next_refresh_time = Some(Time(next_attempt));
         if valid.is_none() {
             status.token_fingerprint = None;
+            status.username = None;
         }
         self.set_schedule(valid_until, next_attempt);
         self.write_status(status).await?;

@@ -13,9 +13,10 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::{
+    crd::RepositoryAccess,
     metrics::Metrics,
     ratelimit::{EndpointLimits, GoogleLimits},
-    validation::{Flow, ImpersonationParams, StsParams},
+    validation::{Flow, IdTokenParams, ImpersonationParams, StsParams},
 };
 
 const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -30,6 +31,14 @@ const METADATA_TOKEN: [&str; 6] = [
     "service-accounts",
     "default",
     "token",
+];
+const METADATA_IDENTITY: [&str; 6] = [
+    "computeMetadata",
+    "v1",
+    "instance",
+    "service-accounts",
+    "default",
+    "identity",
 ];
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -154,6 +163,15 @@ impl Endpoints {
         resource_url(&base, "v1alpha", data_connector, ":acquireAccessToken")
     }
 
+    /// generateIdToken for `service_account`, one path segment as for generateAccessToken.
+    pub fn generate_id_token_url(&self, service_account: &str) -> Url {
+        let last = format!("{service_account}:generateIdToken");
+        at(
+            &self.iam_credentials,
+            SERVICE_ACCOUNTS.into_iter().chain([last.as_str()]),
+        )
+    }
+
     fn metadata_token_url(&self, scopes: &[String]) -> Url {
         let mut url = at(&self.metadata, METADATA_TOKEN);
         url.query_pairs_mut().append_pair("scopes", &scopes.join(","));
@@ -182,6 +200,8 @@ pub struct IssuedToken {
     /// Developer Connect for some providers).
     pub expires_at: Option<Timestamp>,
     pub scopes: Vec<String>,
+    /// The username to present with the token (Developer Connect's `gitUsername`).
+    pub username: Option<String>,
 }
 
 #[derive(Clone)]
@@ -230,6 +250,21 @@ impl GoogleClient {
                 self.acquire_access_token(caller, data_connector, scope.as_deref(), action.as_deref())
                     .await
             }
+            Flow::IdToken(p) => {
+                let federated;
+                let caller = match &p.federation {
+                    Some(sts) => {
+                        federated = self.sts_exchange(sts, caller).await?.token;
+                        &federated
+                    }
+                    None => caller,
+                };
+                self.generate_id_token(caller, p).await
+            }
+            Flow::DeveloperConnectRepository {
+                git_repository_link,
+                access,
+            } => self.fetch_repository_token(caller, git_repository_link, *access).await,
         }
     }
 
@@ -347,6 +382,74 @@ impl GoogleClient {
         issued(Api::DeveloperConnect, body.token, expires_at, body.scopes)
     }
 
+    /// IAM Credentials generateIdToken for the service account `p` names (validation makes sure
+    /// there is one when this is called).
+    pub async fn generate_id_token(
+        &self,
+        caller: &SecretString,
+        p: &IdTokenParams,
+    ) -> Result<IssuedToken, GoogleError> {
+        let account = p.service_account.as_deref().unwrap_or_default();
+        let url = self.endpoints.generate_id_token_url(account);
+        let mut body = serde_json::json!({ "audience": p.audience, "includeEmail": p.include_email });
+        if !p.delegates.is_empty() {
+            body["delegates"] = serde_json::json!(p.delegates);
+        }
+        let request = self.http.post(url).bearer_auth(caller.expose_secret()).json(&body);
+        let (body, clocks): (GenerateIdTokenResponse, _) = self.call(Api::IamCredentials, request).await?;
+        id_token(Api::IamCredentials, body.token, clocks)
+    }
+
+    /// The metadata server's ID token for the identity of where the operator runs.
+    pub async fn metadata_id_token(&self, audience: &str, include_email: bool) -> Result<IssuedToken, GoogleError> {
+        let mut url = at(&self.endpoints.metadata, METADATA_IDENTITY);
+        url.query_pairs_mut()
+            .append_pair("audience", audience)
+            .append_pair("format", if include_email { "full" } else { "standard" });
+        let request = self.http.get(url).header("Metadata-Flavor", "Google");
+        let (body, clocks) = self.call_raw(Api::Metadata, request).await?;
+        let token = String::from_utf8(body).map_err(|_| GoogleError::Malformed {
+            api: Api::Metadata,
+            status: 200,
+            detail: "the ID token is not UTF-8".into(),
+        })?;
+        id_token(Api::Metadata, token.trim().to_string(), clocks)
+    }
+
+    /// Developer Connect fetchReadToken or fetchReadWriteToken for a Git repository link.
+    pub async fn fetch_repository_token(
+        &self,
+        caller: &SecretString,
+        link: &str,
+        access: RepositoryAccess,
+    ) -> Result<IssuedToken, GoogleError> {
+        let method = match access {
+            RepositoryAccess::Read => ":fetchReadToken",
+            RepositoryAccess::ReadWrite => ":fetchReadWriteToken",
+        };
+        let url = resource_url(&self.endpoints.developer_connect, "v1", link, method);
+        // The documented request body is empty.
+        let request = self
+            .http
+            .post(url)
+            .bearer_auth(caller.expose_secret())
+            .header("content-length", "0");
+        let (body, clocks): (FetchRepositoryTokenResponse, _) = self.call(Api::DeveloperConnect, request).await?;
+        let expires_at = parse_time(Api::DeveloperConnect, &body.expiration_time)?.map(|t| clocks.local(t));
+        let mut issued = issued(Api::DeveloperConnect, body.token, expires_at, Vec::new())?;
+        let plausible = body.git_username.len() <= crate::crd::bound::USERNAME as usize
+            && !body.git_username.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !plausible {
+            return Err(GoogleError::Malformed {
+                api: Api::DeveloperConnect,
+                status: 200,
+                detail: "gitUsername is too long or holds whitespace or control characters".into(),
+            });
+        }
+        issued.username = Some(body.git_username).filter(|u| !u.is_empty());
+        Ok(issued)
+    }
+
     /// Discovery Engine acquireAccessToken: the calling user's token for a data connector.
     pub async fn acquire_access_token(
         &self,
@@ -376,6 +479,17 @@ impl GoogleClient {
         api: Api,
         request: RequestBuilder,
     ) -> Result<(T, Clocks), GoogleError> {
+        let (body, clocks) = self.call_raw(api, request).await?;
+        let value = serde_json::from_slice(&body).map_err(|e| GoogleError::Malformed {
+            api,
+            status: 200,
+            detail: describe_json_error(&e),
+        })?;
+        Ok((value, clocks))
+    }
+
+    /// As [`GoogleClient::call`], with the 2xx body as it is.
+    async fn call_raw(&self, api: Api, request: RequestBuilder) -> Result<(Vec<u8>, Clocks), GoogleError> {
         let waited = self.limits.acquire(api).await;
         self.metrics.observe_rate_limit(api, waited.as_ref().ok().copied());
         let Ok(_) = waited else {
@@ -408,11 +522,8 @@ impl GoogleClient {
     }
 }
 
-/// A 2xx answer's body as `T`, and the server's `Date`.
-async fn decode<T: for<'de> Deserialize<'de>>(
-    api: Api,
-    response: Response,
-) -> Result<(T, Option<Timestamp>), GoogleError> {
+/// A 2xx answer's body, and the server's `Date`.
+async fn decode(api: Api, response: Response) -> Result<(Vec<u8>, Option<Timestamp>), GoogleError> {
     let status = response.status();
     if status.is_redirection() {
         return Err(GoogleError::Redirected {
@@ -425,15 +536,10 @@ async fn decode<T: for<'de> Deserialize<'de>>(
     if !status.is_success() {
         return Err(rejection(api, status, &headers, &body));
     }
-    let value = serde_json::from_slice(&body).map_err(|e| GoogleError::Malformed {
-        api,
-        status: status.as_u16(),
-        detail: describe_json_error(&e),
-    })?;
     let date = headers
         .get(reqwest::header::DATE)
         .and_then(|v| http_date(v.to_str().ok()?));
-    Ok((value, date))
+    Ok((body, date))
 }
 
 /// The body, chunk by chunk, up to [`MAX_RESPONSE_BODY`]: past that the rest is left unread (the
@@ -538,7 +644,29 @@ fn issued(
         token: SecretString::from(token),
         expires_at,
         scopes,
+        username: None,
     })
+}
+
+/// An ID token, with its expiry read from its `exp` claim (nothing else in it is used, so its
+/// signature is the receiver's to check). The claim is an absolute time on Google's clock.
+fn id_token(api: Api, token: String, clocks: Clocks) -> Result<IssuedToken, GoogleError> {
+    #[derive(Deserialize)]
+    struct Claims {
+        exp: i64,
+    }
+    if token.is_empty() {
+        return Err(GoogleError::EmptyToken { api });
+    }
+    let malformed = |detail: &str| GoogleError::Malformed {
+        api,
+        status: 200,
+        detail: detail.into(),
+    };
+    let claims: Claims = jsonwebtoken::dangerous::insecure_decode_claims(&token)
+        .map_err(|_| malformed("the ID token is not a JWT with a numeric exp claim"))?;
+    let exp = Timestamp::from_second(claims.exp).map_err(|_| malformed("the ID token's exp claim is out of range"))?;
+    issued(api, token, Some(clocks.local(exp)), Vec::new())
 }
 
 /// An RFC 3339 timestamp; empty means "not known".
@@ -655,6 +783,23 @@ struct GenerateAccessTokenResponse {
     access_token: String,
     #[serde(default)]
     expire_time: String,
+}
+
+#[derive(Deserialize)]
+struct GenerateIdTokenResponse {
+    #[serde(default)]
+    token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FetchRepositoryTokenResponse {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    expiration_time: String,
+    #[serde(default)]
+    git_username: String,
 }
 
 #[derive(Deserialize)]

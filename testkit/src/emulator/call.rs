@@ -8,8 +8,9 @@ use serde_json::json;
 
 use super::errors::ApiError;
 use super::faults::Shaping;
-use super::state::Shared;
-use super::{Endpoint, IssuedToken};
+use super::id_tokens::IdTokenClaims;
+use super::state::{Shared, Standing, TokenKind};
+use super::{Endpoint, IssuedToken, wire};
 
 pub(super) struct Call<'a> {
     pub(super) shared: &'a Shared,
@@ -33,11 +34,15 @@ impl Call<'_> {
             let (scheme, token) = value.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
-        let (message, reason) = match token.map(|t| self.shared.state().tokens.get(t).cloned()) {
-            Some(Some(info)) if info.expires_at > SystemTime::now() => return Ok(info),
-            Some(Some(_)) => (INVALID_CREDENTIALS, "ACCESS_TOKEN_EXPIRED"),
-            Some(None) => (INVALID_CREDENTIALS, "ACCESS_TOKEN_TYPE_UNSUPPORTED"),
-            None => (MISSING_CREDENTIALS, "CREDENTIALS_MISSING"),
+        let (message, reason) = {
+            let state = self.shared.state();
+            // ID and repository tokens are not OAuth access tokens: Google does not know them as such.
+            match token.map(|t| state.standing(t, |kind| *kind == TokenKind::Access)) {
+                Some(Standing::Live(info)) => return Ok(info.clone()),
+                Some(Standing::Dead) => (INVALID_CREDENTIALS, "ACCESS_TOKEN_EXPIRED"),
+                Some(Standing::Unknown) => (INVALID_CREDENTIALS, "ACCESS_TOKEN_TYPE_UNSUPPORTED"),
+                None => (MISSING_CREDENTIALS, "CREDENTIALS_MISSING"),
+            }
         };
         Err(ApiError::rpc(StatusCode::UNAUTHORIZED, message)
             .with_detail(json!({
@@ -67,19 +72,59 @@ impl Call<'_> {
         self.shared.state().on_clock(t)
     }
 
-    /// Issues a token for `principal`, or returns an empty one (issuing nothing) when a scripted
-    /// fault says the answer carries no token.
+    /// Issues an access token for `principal`, or returns an empty one (issuing nothing) when a
+    /// scripted fault says the answer carries no token.
     pub(super) fn mint(&self, principal: String, scopes: Vec<String>, expires_at: SystemTime) -> String {
-        if self.shaping.as_ref().is_some_and(Shaping::withholds_token) {
+        self.mint_kind(TokenKind::Access, principal, scopes, expires_at)
+    }
+
+    /// [`Call::mint`] for a token of any opaque kind.
+    pub(super) fn mint_kind(
+        &self,
+        kind: TokenKind,
+        principal: String,
+        scopes: Vec<String>,
+        expires_at: SystemTime,
+    ) -> String {
+        if self.withholds_token() {
             return String::new();
         }
-        let info = IssuedToken {
+        let info = self.issued(principal, scopes, expires_at);
+        self.shared.state().issue(info, kind)
+    }
+
+    /// Issues a signed ID token for the service account `email`, valid for this endpoint's
+    /// lifetime; empty (issuing nothing) when a scripted fault says the answer carries no token.
+    pub(super) fn mint_id_token(&self, email: &str, audience: &str, include_email: bool) -> Result<String, ApiError> {
+        if self.withholds_token() {
+            return Ok(String::new());
+        }
+        let lifetime = self.lifetime();
+        let now = SystemTime::now();
+        // `iat` and `exp` are absolute times, so they read the emulator's clock.
+        let iat = wire::unix_secs(self.on_clock(now));
+        let claims = IdTokenClaims::new(email, audience, include_email, iat, lifetime);
+        let token = self
+            .shared
+            .id_tokens
+            .sign(&claims)
+            .map_err(|error| ApiError::internal(self.endpoint, format!("Signing the ID token failed: {error}")))?;
+        let info = self.issued(format!("serviceAccount:{email}"), Vec::new(), now + lifetime);
+        self.shared.state().record(token.clone(), info, TokenKind::Id);
+        Ok(token)
+    }
+
+    fn withholds_token(&self) -> bool {
+        self.shaping.as_ref().is_some_and(Shaping::withholds_token)
+    }
+
+    fn issued(&self, principal: String, scopes: Vec<String>, expires_at: SystemTime) -> IssuedToken {
+        IssuedToken {
             principal,
             endpoint: self.endpoint,
             expires_at,
             scopes,
-        };
-        self.shared.state().issue(info)
+        }
     }
 }
 

@@ -79,13 +79,47 @@ impl ApiError {
     /// The error a scripted [`super::Fault::Status`] produces, shaped like the endpoint's own errors.
     pub(super) fn injected(endpoint: Endpoint, status: StatusCode) -> Self {
         let description = format!("{} (fault injected by the emulator)", canonical_status(status));
+        Self::shaped(endpoint, status, description)
+    }
+
+    /// A failure inside the emulator itself, shaped like the endpoint's own errors.
+    pub(super) fn internal(endpoint: Endpoint, message: impl Into<String>) -> Self {
+        Self::shaped(endpoint, StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    /// `403 PERMISSION_DENIED` as IAM phrases it, both when the caller lacks `permission` and when
+    /// the resource does not exist. IAM Credentials names no resource; other APIs name theirs.
+    pub(super) fn permission_denied(permission: &str, resource: Option<&str>) -> Self {
+        let (message, metadata) = match resource {
+            None => (
+                format!("Permission '{permission}' denied on resource (or it may not exist)."),
+                json!({ "permission": permission }),
+            ),
+            Some(resource) => (
+                format!("Permission '{permission}' denied on resource '{resource}' (or it may not exist)."),
+                json!({ "permission": permission, "resource": resource }),
+            ),
+        };
+        Self::rpc(StatusCode::FORBIDDEN, message).with_detail(json!({
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "IAM_PERMISSION_DENIED",
+            "domain": "iam.googleapis.com",
+            "metadata": metadata,
+        }))
+    }
+
+    fn shaped(endpoint: Endpoint, status: StatusCode, message: impl Into<String>) -> Self {
         match endpoint {
-            Endpoint::Sts | Endpoint::OAuthToken => Self::oauth(status, oauth_code(status), description),
-            Endpoint::Metadata => Self::plain(status, description),
+            Endpoint::Sts | Endpoint::OAuthToken => Self::oauth(status, oauth_code(status), message),
+            Endpoint::Metadata | Endpoint::MetadataIdentity => Self::plain(status, message),
             Endpoint::GenerateAccessToken
+            | Endpoint::GenerateIdToken
             | Endpoint::FetchAccessToken
+            | Endpoint::FetchReadToken
+            | Endpoint::FetchReadWriteToken
             | Endpoint::AcquireAccessToken
-            | Endpoint::TokenInfo => Self::rpc(status, description),
+            | Endpoint::TokenInfo
+            | Endpoint::Certs => Self::rpc(status, message),
         }
     }
 

@@ -18,11 +18,13 @@ pub enum Fault {
     MalformedJson,
     /// The connection closes without any response.
     DropConnection,
-    /// Developer Connect only: `200 OK` with `exchangeError` set and an empty token.
+    /// Developer Connect `fetchAccessToken` only: `200 OK` with `exchangeError` set and an empty token.
     ExchangeError { code: String, description: String },
-    /// Developer Connect only: `200 OK` with a token but `expirationTime: ""`.
+    /// Developer Connect only (`fetchAccessToken`, `fetchReadToken`, `fetchReadWriteToken`):
+    /// `200 OK` with a token but `expirationTime: ""`.
     EmptyExpiration,
-    /// `200 OK` with an empty token field (not at `tokeninfo`, which returns no token).
+    /// `200 OK` with an empty token (an empty body from the metadata server's `identity`); not at
+    /// `tokeninfo` and `certs`, which return no token.
     EmptyToken,
     /// `307 Temporary Redirect` to `location`, as a misconfigured proxy or an attacker on the
     /// path would answer: a client that follows it re-sends the request, body and all.
@@ -83,8 +85,12 @@ impl Fault {
             | Fault::DropConnection
             | Fault::Redirect { .. }
             | Fault::Padded { .. } => true,
-            Fault::ExchangeError { .. } | Fault::EmptyExpiration => endpoint == Endpoint::FetchAccessToken,
-            Fault::EmptyToken => endpoint != Endpoint::TokenInfo,
+            Fault::ExchangeError { .. } => endpoint == Endpoint::FetchAccessToken,
+            Fault::EmptyExpiration => matches!(
+                endpoint,
+                Endpoint::FetchAccessToken | Endpoint::FetchReadToken | Endpoint::FetchReadWriteToken
+            ),
+            Fault::EmptyToken => !matches!(endpoint, Endpoint::TokenInfo | Endpoint::Certs),
         }
     }
 
@@ -115,5 +121,37 @@ impl Fault {
             Fault::EmptyExpiration => Applied::Shape(Shaping::EmptyExpiration),
             Fault::EmptyToken => Applied::Shape(Shaping::EmptyToken),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_faults_apply_only_where_the_body_has_the_field() {
+        let empty_expiration = [
+            Endpoint::FetchAccessToken,
+            Endpoint::FetchReadToken,
+            Endpoint::FetchReadWriteToken,
+        ];
+        for endpoint in empty_expiration {
+            assert!(Fault::EmptyExpiration.applies_to(endpoint), "{endpoint:?}");
+        }
+        assert!(!Fault::EmptyExpiration.applies_to(Endpoint::GenerateIdToken));
+        let exchange = Fault::ExchangeError {
+            code: "invalid_grant".into(),
+            description: String::new(),
+        };
+        assert!(!exchange.applies_to(Endpoint::FetchReadToken));
+        for endpoint in [
+            Endpoint::GenerateIdToken,
+            Endpoint::MetadataIdentity,
+            Endpoint::FetchReadWriteToken,
+        ] {
+            assert!(Fault::EmptyToken.applies_to(endpoint), "{endpoint:?}");
+        }
+        assert!(!Fault::EmptyToken.applies_to(Endpoint::Certs));
+        assert!(!Fault::EmptyToken.applies_to(Endpoint::TokenInfo));
     }
 }

@@ -1,11 +1,11 @@
-//! IAM Credentials, `POST /v1/projects/-/serviceAccounts/{account}:generateAccessToken`.
+//! IAM Credentials, `POST /v1/projects/-/serviceAccounts/{account}:generateAccessToken` and
+//! `...:generateIdToken`.
 
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde_json::{Map, Value, json};
 
 use super::call::Call;
 use super::errors::ApiError;
@@ -18,18 +18,12 @@ const MAX_LIFETIME: Duration = Duration::from_secs(43_200);
 const DELEGATE_PREFIX: &str = "projects/-/serviceAccounts/";
 
 pub(super) fn generate_access_token(call: &Call, project: &str, account: &str) -> Result<Response, ApiError> {
-    let caller = call.caller(SERVICE)?;
-    if project != "-" {
-        return Err(ApiError::invalid_argument(format!(
-            "Invalid resource name projects/{project}/serviceAccounts/{account}: the project must be the wildcard \"-\"."
-        )));
-    }
-    let request = wire::json_request(call.body, &["scope", "lifetime", "delegates"])?;
-    let scopes = wire::string_list_field(&request, "scope")?;
+    let request = Impersonation::parse(call, project, account, &["scope", "lifetime", "delegates"])?;
+    let scopes = wire::string_list_field(&request.body, "scope")?;
     if scopes.is_empty() {
         return Err(ApiError::invalid_argument("Scope required."));
     }
-    let requested = match wire::string_field(&request, "lifetime")? {
+    let requested = match wire::string_field(&request.body, "lifetime")? {
         None => DEFAULT_LIFETIME,
         Some(text) => wire::parse_duration(text).ok_or_else(|| {
             ApiError::invalid_payload(format!(
@@ -43,48 +37,72 @@ pub(super) fn generate_access_token(call: &Call, project: &str, account: &str) -
             MAX_LIFETIME.as_secs()
         )));
     }
-    let mut delegates = Vec::new();
-    for delegate in wire::string_list_field(&request, "delegates")? {
-        let email = delegate.strip_prefix(DELEGATE_PREFIX).ok_or_else(|| {
-            ApiError::invalid_argument(format!(
-                "Delegate {delegate} must have the form {DELEGATE_PREFIX}EMAIL."
-            ))
-        })?;
-        delegates.push(email.to_owned());
-    }
-
-    // Every hop of the chain caller → delegates… → target needs the token-creator grant on the next.
-    let lifetime = {
-        let state = call.shared.state();
-        let mut principal = caller.principal;
-        for target in delegates.iter().map(String::as_str).chain([account]) {
-            if !state.may_impersonate(&principal, target) {
-                return Err(permission_denied());
-            }
-            principal = format!("serviceAccount:{target}");
-        }
-        // A lifetime set by the test caps what the client asked for.
-        state
-            .lifetimes
-            .get(&call.endpoint)
-            .map_or(requested, |cap| requested.min(*cap))
-    };
-    let expires_at = SystemTime::now() + lifetime;
+    request.authorize(call, "iam.serviceAccounts.getAccessToken")?;
+    // A lifetime set by the test caps what the client asked for.
+    let cap = call.shared.state().lifetimes.get(&call.endpoint).copied();
+    let expires_at = SystemTime::now() + cap.map_or(requested, |cap| requested.min(cap));
     let token = call.mint(format!("serviceAccount:{account}"), scopes, expires_at);
     Ok(Json(json!({ "accessToken": token, "expireTime": wire::rfc3339(call.on_clock(expires_at)) })).into_response())
 }
 
-/// Google's answer both when the caller lacks the permission and when the account does not exist.
-fn permission_denied() -> ApiError {
-    const PERMISSION: &str = "iam.serviceAccounts.getAccessToken";
-    ApiError::rpc(
-        StatusCode::FORBIDDEN,
-        format!("Permission '{PERMISSION}' denied on resource (or it may not exist)."),
-    )
-    .with_detail(json!({
-        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-        "reason": "IAM_PERMISSION_DENIED",
-        "domain": "iam.googleapis.com",
-        "metadata": { "permission": PERMISSION },
-    }))
+/// The answer is the bare JWT: its expiry is the `exp` claim, with no field of its own.
+pub(super) fn generate_id_token(call: &Call, project: &str, account: &str) -> Result<Response, ApiError> {
+    let request = Impersonation::parse(call, project, account, &["audience", "delegates", "includeEmail"])?;
+    let audience = wire::string_field(&request.body, "audience")?
+        .filter(|audience| !audience.is_empty())
+        .ok_or_else(|| ApiError::invalid_argument("Audience required."))?;
+    let include_email = wire::bool_field(&request.body, "includeEmail")?;
+    request.authorize(call, "iam.serviceAccounts.getOpenIdToken")?;
+    let token = call.mint_id_token(account, audience, include_email)?;
+    Ok(Json(json!({ "token": token })).into_response())
+}
+
+/// What both methods check before their own fields: an authenticated caller, the wildcard
+/// project, a body of known fields and well-formed delegates.
+struct Impersonation<'a> {
+    caller: String,
+    account: &'a str,
+    delegates: Vec<String>,
+    body: Map<String, Value>,
+}
+
+impl<'a> Impersonation<'a> {
+    fn parse(call: &Call, project: &str, account: &'a str, fields: &[&str]) -> Result<Self, ApiError> {
+        let caller = call.caller(SERVICE)?;
+        if project != "-" {
+            return Err(ApiError::invalid_argument(format!(
+                "Invalid resource name projects/{project}/serviceAccounts/{account}: the project must be the wildcard \"-\"."
+            )));
+        }
+        let body = wire::json_request(call.body, fields)?;
+        let mut delegates = Vec::new();
+        for delegate in wire::string_list_field(&body, "delegates")? {
+            let email = delegate.strip_prefix(DELEGATE_PREFIX).ok_or_else(|| {
+                ApiError::invalid_argument(format!(
+                    "Delegate {delegate} must have the form {DELEGATE_PREFIX}EMAIL."
+                ))
+            })?;
+            delegates.push(email.to_owned());
+        }
+        Ok(Self {
+            caller: caller.principal,
+            account,
+            delegates,
+            body,
+        })
+    }
+
+    /// Every hop of the chain caller → delegates… → target needs the token-creator grant on the
+    /// next; a missing hop is denied as `permission`, as is an account that does not exist.
+    fn authorize(&self, call: &Call, permission: &str) -> Result<(), ApiError> {
+        let state = call.shared.state();
+        let mut principal = self.caller.clone();
+        for target in self.delegates.iter().map(String::as_str).chain([self.account]) {
+            if !state.may_impersonate(&principal, target) {
+                return Err(ApiError::permission_denied(permission, None));
+            }
+            principal = format!("serviceAccount:{target}");
+        }
+        Ok(())
+    }
 }

@@ -1,6 +1,12 @@
-//! An emulator of the Google endpoints that mint OAuth access tokens: STS, IAM Credentials
-//! `generateAccessToken`, Developer Connect `fetchAccessToken`, Discovery Engine
-//! `acquireAccessToken`, the OAuth token endpoint, `tokeninfo` and the metadata server.
+//! An emulator of the Google endpoints that mint short-lived credentials: STS, IAM Credentials
+//! `generateAccessToken` and `generateIdToken`, Developer Connect `fetchAccessToken`,
+//! `fetchReadToken` and `fetchReadWriteToken`, Discovery Engine `acquireAccessToken`, the OAuth
+//! token endpoint, `tokeninfo`, Google's ID token keys (`/oauth2/v3/certs`) and the metadata
+//! server's `token` and `identity`.
+//!
+//! ID tokens are real RS256 JWTs, signed with a key each emulator generates at start and
+//! publishes at [`GoogleEmulator::id_token_certs_url`]; every other token is opaque. Repository
+//! tokens can be checked by a test's Git server with [`GoogleEmulator::git_credentials_valid`].
 //!
 //! One HTTP server answers all of them under Google's own paths and wire formats, so a client
 //! under test only swaps `https://sts.googleapis.com` (and the other hosts) for
@@ -12,8 +18,10 @@ mod connectors;
 mod errors;
 mod faults;
 mod iam;
+mod id_tokens;
 mod metadata;
 mod oauth;
+mod repositories;
 mod server;
 mod state;
 mod sts;
@@ -30,7 +38,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 pub use faults::Fault;
-use state::{AuthorizedUser, ServiceAccountKey, Shared};
+use id_tokens::IdTokenSigner;
+use state::{AuthorizedUser, GitRepositoryLink, ServiceAccountKey, Shared};
 
 /// A running emulator. Dropping it shuts the server down.
 pub struct GoogleEmulator {
@@ -45,16 +54,26 @@ pub enum Endpoint {
     Sts,
     /// IAM Credentials `POST /v1/projects/-/serviceAccounts/{account}:generateAccessToken`.
     GenerateAccessToken,
+    /// IAM Credentials `POST /v1/projects/-/serviceAccounts/{account}:generateIdToken`.
+    GenerateIdToken,
     /// Developer Connect `POST /v1/{accountConnector}/users:fetchAccessToken`.
     FetchAccessToken,
+    /// Developer Connect `POST /v1/{gitRepositoryLink}:fetchReadToken`.
+    FetchReadToken,
+    /// Developer Connect `POST /v1/{gitRepositoryLink}:fetchReadWriteToken`.
+    FetchReadWriteToken,
     /// Discovery Engine `POST /v1alpha/{dataConnector}:acquireAccessToken`.
     AcquireAccessToken,
     /// OAuth 2.0 token endpoint `POST /token` (JWT bearer and refresh-token grants).
     OAuthToken,
     /// `GET /tokeninfo?access_token=...`.
     TokenInfo,
+    /// The keys Google signs ID tokens with, `GET /oauth2/v3/certs` (a JWK set).
+    Certs,
     /// Metadata server `GET /computeMetadata/v1/instance/service-accounts/{default|email}/token`.
     Metadata,
+    /// Metadata server `GET /computeMetadata/v1/instance/service-accounts/{default|email}/identity`.
+    MetadataIdentity,
 }
 
 /// One request as the emulator received it.
@@ -72,14 +91,18 @@ pub struct RecordedRequest {
     pub received_at: std::time::Instant,
 }
 
-/// What the emulator knows about a token it issued.
+/// What the emulator knows about a token it issued: an access token, an ID token (the JWT) or
+/// a repository token.
 #[derive(Clone, Debug)]
 pub struct IssuedToken {
     /// The IAM principal the token stands for: `serviceAccount:EMAIL`, `user:EMAIL` or
-    /// `principal://iam.googleapis.com/.../subject/SUB`.
+    /// `principal://iam.googleapis.com/.../subject/SUB`. For a repository token, the caller who
+    /// fetched it.
     pub principal: String,
     pub endpoint: Endpoint,
+    /// By the real clock. For an ID token, the `exp` claim is this time by the emulator's clock.
     pub expires_at: SystemTime,
+    /// Empty for ID and repository tokens.
     pub scopes: Vec<String>,
 }
 
@@ -89,8 +112,14 @@ impl GoogleEmulator {
         Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await
     }
 
-    /// Starts the emulator on `addr`, on the current tokio runtime.
+    /// Starts the emulator on `addr`, on the current tokio runtime. Fails if it cannot listen
+    /// there or cannot make its ID token signing key.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<GoogleEmulator> {
+        // RSA key generation takes tens of milliseconds: off the async workers.
+        let id_tokens = tokio::task::spawn_blocking(IdTokenSigner::generate)
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)?;
         let listener = TcpListener::bind(addr).await?;
         let mut local = listener.local_addr()?;
         // A wildcard bind (the demo listens for pods too) is still reached via loopback locally.
@@ -100,7 +129,7 @@ impl GoogleEmulator {
                 IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
             });
         }
-        let shared = Arc::new(Shared::new(format!("http://{local}")));
+        let shared = Arc::new(Shared::new(format!("http://{local}"), id_tokens));
         let shutdown = Arc::new(Notify::new());
         server::spawn(listener, Arc::clone(&shared), Arc::clone(&shutdown));
         Ok(GoogleEmulator { shared, shutdown })
@@ -111,8 +140,15 @@ impl GoogleEmulator {
         self.shared.base_url.clone()
     }
 
+    /// Where Google publishes the keys its ID tokens are signed with (`GET /oauth2/v3/certs`):
+    /// verify the emulator's ID tokens against this JWK set.
+    pub fn id_token_certs_url(&self) -> String {
+        format!("{}/oauth2/v3/certs", self.shared.base_url)
+    }
+
     /// Sets the lifetime of tokens issued by `endpoint` (default 3600 s). For
-    /// [`Endpoint::GenerateAccessToken`] it caps the lifetime the caller asks for.
+    /// [`Endpoint::GenerateAccessToken`] it caps the lifetime the caller asks for; for ID tokens
+    /// it is `exp - iat`.
     pub fn set_lifetime(&self, endpoint: Endpoint, lifetime: Duration) {
         self.shared.state().lifetimes.insert(endpoint, lifetime);
     }
@@ -123,8 +159,9 @@ impl GoogleEmulator {
         self.shared.state().providers.insert(audience.to_owned());
     }
 
-    /// Registers a service account that `generateAccessToken` can impersonate. `allowed_callers`
-    /// are the principals holding the token-creator role on it; `"*"` admits any emulator token.
+    /// Registers a service account that `generateAccessToken` and `generateIdToken` can
+    /// impersonate. `allowed_callers` are the principals holding the token-creator role on it;
+    /// `"*"` admits any emulator access token.
     pub fn add_service_account(&self, email: &str, allowed_callers: &[&str]) {
         let callers = allowed_callers.iter().map(|c| (*c).to_owned()).collect();
         self.shared.state().service_accounts.insert(email.to_owned(), callers);
@@ -154,7 +191,7 @@ impl GoogleEmulator {
         });
     }
 
-    /// Sets the metadata server's identity; its tokens are for `serviceAccount:EMAIL`.
+    /// Sets the metadata server's identity; its access and ID tokens are for `serviceAccount:EMAIL`.
     pub fn set_metadata_service_account(&self, email: &str) {
         self.shared.state().metadata_account = Some(email.to_owned());
     }
@@ -162,6 +199,21 @@ impl GoogleEmulator {
     /// Registers a Developer Connect account connector, `projects/P/locations/L/accountConnectors/C`.
     pub fn add_account_connector(&self, name: &str) {
         self.shared.state().account_connectors.insert(name.to_owned());
+    }
+
+    /// Registers a Developer Connect Git repository link,
+    /// `projects/P/locations/L/connections/C/gitRepositoryLinks/R`, whose tokens go with
+    /// `git_username`. `readers` may fetch read tokens, `writers` read and read-write ones; both
+    /// list principals as [`GoogleEmulator::add_service_account`] does (`"*"`: any caller with an
+    /// emulator access token). Registering a name again replaces the link.
+    pub fn add_git_repository_link(&self, name: &str, git_username: &str, readers: &[&str], writers: &[&str]) {
+        let principals = |list: &[&str]| list.iter().map(|p| (*p).to_owned()).collect();
+        let link = GitRepositoryLink {
+            git_username: git_username.to_owned(),
+            readers: principals(readers),
+            writers: principals(writers),
+        };
+        self.shared.state().git_repository_links.insert(name.to_owned(), link);
     }
 
     /// Registers a Discovery Engine data connector, `projects/P/locations/L/collections/C/dataConnector`.
@@ -174,7 +226,7 @@ impl GoogleEmulator {
     ///
     /// # Panics
     /// If the fault cannot happen at that endpoint (e.g. [`Fault::ExchangeError`] anywhere but
-    /// Developer Connect), a [`Fault::Status`] code is not an HTTP status, or a
+    /// Developer Connect's `fetchAccessToken`), a [`Fault::Status`] code is not an HTTP status, or a
     /// [`Fault::Redirect`] location cannot be a header value.
     pub fn fail_next(&self, endpoint: Endpoint, times: usize, fault: Fault) {
         assert!(
@@ -202,14 +254,15 @@ impl GoogleEmulator {
     }
 
     /// Sets the emulator's clock `offset` off the real one (positive: ahead). The absolute times it
-    /// answers with (`expireTime`, `expirationTime`, the `Date` header) read that clock; tokens
-    /// still expire by the real one, after their lifetime.
+    /// answers with (`expireTime`, `expirationTime`, ID tokens' `iat` and `exp`, the `Date`
+    /// header) read that clock; tokens still expire by the real one, after their lifetime.
     pub fn set_clock_offset(&self, offset: SignedDuration) {
         self.shared.state().clock_offset = offset;
     }
 
-    /// Delays every `generateAccessToken` answer for service account `email` (faults included) by
-    /// `latency`, or by the endpoint's latency if that is longer: one identity that hangs.
+    /// Delays every `generateAccessToken` and `generateIdToken` answer for service account `email`
+    /// (faults included) by `latency`, or by the endpoint's latency if that is longer: one
+    /// identity that hangs.
     pub fn set_service_account_latency(&self, email: &str, latency: Duration) {
         self.shared.state().account_latencies.insert(email.to_owned(), latency);
     }
@@ -237,14 +290,32 @@ impl GoogleEmulator {
         state.requests.iter().filter(|r| r.endpoint == Some(endpoint)).count()
     }
 
-    /// Every access token issued so far, in issue order.
+    /// Every token issued so far (access, ID and repository tokens), in issue order. ID tokens
+    /// are deterministic: the same one minted twice within a second is listed twice.
     pub fn issued_tokens(&self) -> Vec<String> {
         self.shared.state().issued.clone()
     }
 
-    /// What the emulator knows about `token`, expired or not; `None` if it never issued it.
+    /// What the emulator knows about `token`, expired, revoked or not; `None` if it never issued it.
     pub fn token_info(&self, token: &str) -> Option<IssuedToken> {
-        self.shared.state().tokens.get(token).cloned()
+        self.shared.state().token_info(token).cloned()
+    }
+
+    /// Revokes a token the emulator issued, of any kind: Google APIs then refuse it as an expired
+    /// credential, and [`GoogleEmulator::git_credentials_valid`] is false for it. Unknown tokens
+    /// are ignored.
+    pub fn revoke(&self, token: &str) {
+        self.shared.state().revoke(token);
+    }
+
+    /// What a Git server in a test should answer to HTTP basic credentials for `link`: true iff
+    /// `password` is a repository token the emulator issued for that link, neither expired (by the
+    /// real clock) nor revoked, `username` is the link's Git username, and, if `write`, the token
+    /// came from `fetchReadWriteToken`.
+    pub fn git_credentials_valid(&self, link: &str, username: &str, password: &str, write: bool) -> bool {
+        self.shared
+            .state()
+            .git_credentials_valid(link, username, password, write)
     }
 }
 

@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::call::Call;
 use super::errors::ApiError;
@@ -154,7 +153,7 @@ pub(super) fn token_info(call: &Call) -> Result<Response, ApiError> {
     let query = wire::form(call.query.as_bytes());
     let token = query.get("access_token").ok_or_else(invalid)?;
     let info = call.shared.state().live_token(token).cloned().ok_or_else(invalid)?;
-    let id = numeric_id(&info.principal);
+    let id = wire::numeric_id(&info.principal);
     let mut body = json!({
         "azp": id,
         "aud": id,
@@ -173,12 +172,4 @@ pub(super) fn token_info(call: &Call) -> Result<Response, ApiError> {
         body["email_verified"] = json!("true");
     }
     Ok(Json(body).into_response())
-}
-
-/// A stable 21-digit ID for a principal, like Google's numeric client and account IDs.
-fn numeric_id(principal: &str) -> String {
-    let digest = Sha256::digest(principal.as_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    format!("1{:020}", u64::from_be_bytes(first))
 }

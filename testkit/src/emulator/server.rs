@@ -24,7 +24,7 @@ use super::call::Call;
 use super::errors::ApiError;
 use super::faults::{self, Applied};
 use super::state::Shared;
-use super::{Endpoint, RecordedRequest, connectors, iam, metadata, oauth, sts, wire};
+use super::{Endpoint, RecordedRequest, connectors, iam, id_tokens, metadata, oauth, repositories, sts, wire};
 
 /// Large enough for STS `options`, which Google allows up to 4 MiB.
 const MAX_BODY: usize = 8 << 20;
@@ -45,17 +45,26 @@ pub(super) fn spawn(listener: TcpListener, shared: Arc<Shared>, shutdown: Arc<No
 enum Route {
     Sts,
     GenerateAccessToken { project: String, account: String },
+    GenerateIdToken { project: String, account: String },
     FetchAccessToken { connector: String },
+    FetchRepositoryToken { link: String, write: bool },
     AcquireAccessToken { data_connector: String },
     OAuthToken,
     TokenInfo,
+    Certs,
     Metadata { account: String },
+    MetadataIdentity { account: String },
 }
 
 /// Google's path templates (from the APIs' HTTP rules) for the routes with path parameters.
 const METADATA_TOKEN: &str = "/computeMetadata/v1/instance/service-accounts/*/token";
+const METADATA_IDENTITY: &str = "/computeMetadata/v1/instance/service-accounts/*/identity";
 const GENERATE_ACCESS_TOKEN: &str = "/v1/projects/*/serviceAccounts/*:generateAccessToken";
+const GENERATE_ID_TOKEN: &str = "/v1/projects/*/serviceAccounts/*:generateIdToken";
 const FETCH_ACCESS_TOKEN: &str = "/v1/projects/*/locations/*/accountConnectors/*/users:fetchAccessToken";
+const FETCH_READ_TOKEN: &str = "/v1/projects/*/locations/*/connections/*/gitRepositoryLinks/*:fetchReadToken";
+const FETCH_READ_WRITE_TOKEN: &str =
+    "/v1/projects/*/locations/*/connections/*/gitRepositoryLinks/*:fetchReadWriteToken";
 const ACQUIRE_ACCESS_TOKEN: &str = "/v1alpha/projects/*/locations/*/collections/*/dataConnector:acquireAccessToken";
 
 impl Route {
@@ -64,16 +73,27 @@ impl Route {
             Method::POST if path == "/v1/token" => Route::Sts,
             Method::POST if path == "/token" => Route::OAuthToken,
             Method::GET if path == "/tokeninfo" => Route::TokenInfo,
-            Method::GET => {
-                let [account] = captures(path, METADATA_TOKEN)?;
-                Route::Metadata { account }
-            }
+            Method::GET if path == "/oauth2/v3/certs" => Route::Certs,
+            Method::GET => captures(path, METADATA_TOKEN)
+                .map(|[account]| Route::Metadata { account })
+                .or_else(|| captures(path, METADATA_IDENTITY).map(|[account]| Route::MetadataIdentity { account }))?,
             Method::POST => captures(path, GENERATE_ACCESS_TOKEN)
                 .map(|[project, account]| Route::GenerateAccessToken { project, account })
+                .or_else(|| {
+                    captures(path, GENERATE_ID_TOKEN)
+                        .map(|[project, account]| Route::GenerateIdToken { project, account })
+                })
                 .or_else(|| {
                     let [p, l, c] = captures(path, FETCH_ACCESS_TOKEN)?;
                     let connector = format!("projects/{p}/locations/{l}/accountConnectors/{c}");
                     Some(Route::FetchAccessToken { connector })
+                })
+                .or_else(|| {
+                    let (write, [p, l, c, r]) = captures(path, FETCH_READ_TOKEN)
+                        .map(|names| (false, names))
+                        .or_else(|| captures(path, FETCH_READ_WRITE_TOKEN).map(|names| (true, names)))?;
+                    let link = format!("projects/{p}/locations/{l}/connections/{c}/gitRepositoryLinks/{r}");
+                    Some(Route::FetchRepositoryToken { link, write })
                 })
                 .or_else(|| {
                     let [p, l, c] = captures(path, ACQUIRE_ACCESS_TOKEN)?;
@@ -89,11 +109,16 @@ impl Route {
         match self {
             Route::Sts => Endpoint::Sts,
             Route::GenerateAccessToken { .. } => Endpoint::GenerateAccessToken,
+            Route::GenerateIdToken { .. } => Endpoint::GenerateIdToken,
             Route::FetchAccessToken { .. } => Endpoint::FetchAccessToken,
+            Route::FetchRepositoryToken { write: false, .. } => Endpoint::FetchReadToken,
+            Route::FetchRepositoryToken { write: true, .. } => Endpoint::FetchReadWriteToken,
             Route::AcquireAccessToken { .. } => Endpoint::AcquireAccessToken,
             Route::OAuthToken => Endpoint::OAuthToken,
             Route::TokenInfo => Endpoint::TokenInfo,
+            Route::Certs => Endpoint::Certs,
             Route::Metadata { .. } => Endpoint::Metadata,
+            Route::MetadataIdentity { .. } => Endpoint::MetadataIdentity,
         }
     }
 
@@ -101,11 +126,15 @@ impl Route {
         match self {
             Route::Sts => sts::exchange(call),
             Route::GenerateAccessToken { project, account } => iam::generate_access_token(call, project, account),
+            Route::GenerateIdToken { project, account } => iam::generate_id_token(call, project, account),
             Route::FetchAccessToken { connector } => connectors::fetch_access_token(call, connector),
+            Route::FetchRepositoryToken { link, write } => repositories::fetch_token(call, link, *write),
             Route::AcquireAccessToken { data_connector } => connectors::acquire_access_token(call, data_connector),
             Route::OAuthToken => oauth::token(call),
             Route::TokenInfo => oauth::token_info(call),
+            Route::Certs => id_tokens::certs(call),
             Route::Metadata { account } => metadata::token(call, account),
+            Route::MetadataIdentity { account } => metadata::identity_token(call, account),
         }
     }
 }
@@ -189,7 +218,7 @@ fn finish(shared: &Shared, endpoint: Endpoint, mut response: Response) -> Respon
     if let Ok(date) = HeaderValue::try_from(date) {
         response.headers_mut().insert(header::DATE, date);
     }
-    if endpoint == Endpoint::Metadata {
+    if matches!(endpoint, Endpoint::Metadata | Endpoint::MetadataIdentity) {
         // Clients check this to know they reached a real metadata server.
         let flavor = HeaderName::from_static("metadata-flavor");
         response
@@ -323,5 +352,29 @@ mod tests {
         assert_eq!(connector, "projects/p/locations/l/accountConnectors/c");
         assert!(Route::parse(&Method::GET, fetch).is_none());
         assert!(Route::parse(&Method::GET, "/v1/token").is_none());
+        assert!(Route::parse(&Method::POST, "/oauth2/v3/certs").is_none());
+    }
+
+    #[test]
+    fn repository_token_routes_name_the_link_and_the_access() {
+        let link = "projects/p/locations/l/connections/c/gitRepositoryLinks/r";
+        for (method, write) in [("fetchReadToken", false), ("fetchReadWriteToken", true)] {
+            let path = format!("/v1/{link}:{method}");
+            let Some(Route::FetchRepositoryToken {
+                link: routed,
+                write: routed_write,
+            }) = Route::parse(&Method::POST, &path)
+            else {
+                panic!("{path} not routed");
+            };
+            assert_eq!((routed.as_str(), routed_write), (link, write));
+        }
+        let other_method = format!("/v1/{link}:fetchGitRefs");
+        assert!(Route::parse(&Method::POST, &other_method).is_none());
+        let identity = "/computeMetadata/v1/instance/service-accounts/default/identity";
+        assert!(matches!(
+            Route::parse(&Method::GET, identity),
+            Some(Route::MetadataIdentity { account }) if account == "default"
+        ));
     }
 }

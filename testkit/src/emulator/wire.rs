@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use super::errors::ApiError;
 
@@ -81,6 +82,14 @@ pub(super) fn parse_duration(text: &str) -> Option<Duration> {
     Some(Duration::new(whole.parse().ok()?, nanos))
 }
 
+/// A stable 21-digit ID for a principal, like Google's numeric client and account IDs.
+pub(super) fn numeric_id(principal: &str) -> String {
+    let digest = Sha256::digest(principal.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    format!("1{:020}", u64::from_be_bytes(first))
+}
+
 /// An `application/x-www-form-urlencoded` body as a map (the last of repeated keys wins).
 pub(super) fn form(body: &[u8]) -> HashMap<String, String> {
     url::form_urlencoded::parse(body).into_owned().collect()
@@ -123,7 +132,7 @@ pub(super) fn string_field<'a>(object: &'a Map<String, Value>, field: &str) -> R
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(invalid_value(field, other)),
+        Some(other) => Err(invalid_value(field, "TYPE_STRING", other)),
     }
 }
 
@@ -136,16 +145,25 @@ pub(super) fn string_list_field(object: &Map<String, Value>, field: &str) -> Res
             .map(|item| {
                 item.as_str()
                     .map(str::to_owned)
-                    .ok_or_else(|| invalid_value(field, item))
+                    .ok_or_else(|| invalid_value(field, "TYPE_STRING", item))
             })
             .collect(),
-        Some(other) => Err(invalid_value(field, other)),
+        Some(other) => Err(invalid_value(field, "TYPE_STRING", other)),
     }
 }
 
-fn invalid_value(field: &str, value: &Value) -> ApiError {
+/// An optional bool field of a proto3-JSON request (absent means false).
+pub(super) fn bool_field(object: &Map<String, Value>, field: &str) -> Result<bool, ApiError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(value)) => Ok(*value),
+        Some(other) => Err(invalid_value(field, "TYPE_BOOL", other)),
+    }
+}
+
+fn invalid_value(field: &str, proto_type: &str, value: &Value) -> ApiError {
     ApiError::invalid_payload(format!(
-        "Invalid JSON payload received. Invalid value at '{field}' (TYPE_STRING), {value}"
+        "Invalid JSON payload received. Invalid value at '{field}' ({proto_type}), {value}"
     ))
 }
 
