@@ -415,3 +415,256 @@ const USERINFO: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b
 fn userinfo(s: &str) -> String {
     utf8_percent_encode(s, USERINFO).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "ya29.a/b@c:d";
+
+    fn token() -> Token<'static> {
+        Token {
+            token: TOKEN,
+            expires_at: "2026-01-01T01:00:00Z",
+            username: None,
+            scopes: &[],
+            fingerprint: "0123456789ab",
+        }
+    }
+
+    fn text(rendered: &Rendered, key: &str) -> String {
+        String::from_utf8(rendered.data[key].clone()).unwrap()
+    }
+
+    /// Renders `format`, checks that the token is read back from what was rendered, and returns it.
+    fn render(format: &Format, token: &Token<'_>) -> Rendered {
+        let rendered = format.render(token).unwrap();
+        assert_eq!(
+            format.carrier().read(&rendered.data).as_deref(),
+            Some(token.token),
+            "{format:?}"
+        );
+        rendered
+    }
+
+    #[test]
+    fn basic_auth_with_tekton_annotations() {
+        let format = Format::BasicAuth {
+            username: None,
+            tekton_git: vec!["https://github.com".into(), "https://gitlab.com".into()],
+            tekton_docker: vec!["https://us-docker.pkg.dev".into()],
+        };
+        let with_user = Token {
+            username: Some("x-access-token"),
+            ..token()
+        };
+        let rendered = render(&format, &with_user);
+        assert_eq!(rendered.type_, "kubernetes.io/basic-auth");
+        assert_eq!(rendered.data.keys().collect::<Vec<_>>(), ["password", "username"]);
+        assert_eq!(text(&rendered, "username"), "x-access-token");
+        assert_eq!(text(&rendered, "password"), TOKEN);
+        let annotations: Vec<(&str, &str)> = rendered
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            annotations,
+            [
+                ("tekton.dev/docker-0", "https://us-docker.pkg.dev"),
+                ("tekton.dev/git-0", "https://github.com"),
+                ("tekton.dev/git-1", "https://gitlab.com"),
+            ]
+        );
+        assert_eq!(format.previous_key().as_deref(), Some("password.previous"));
+        // Without a username from the spec, the flow or the token, there is nothing to send.
+        assert_eq!(format.render(&token()), Err(RenderError::NoUsername));
+    }
+
+    #[test]
+    fn flux_basic_and_bearer() {
+        let basic = Format::Flux {
+            auth: FluxAuth::Basic,
+            username: Some("oauth2accesstoken".into()),
+        };
+        let rendered = render(&basic, &token());
+        assert_eq!(rendered.type_, "Opaque");
+        assert_eq!(text(&rendered, "username"), "oauth2accesstoken");
+        assert_eq!(text(&rendered, "password"), TOKEN);
+        let bearer = Format::Flux {
+            auth: FluxAuth::Bearer,
+            username: None,
+        };
+        let rendered = render(&bearer, &token());
+        assert_eq!(rendered.data.keys().collect::<Vec<_>>(), ["bearerToken"]);
+        assert_eq!(bearer.previous_key().as_deref(), Some("bearerToken.previous"));
+    }
+
+    #[test]
+    fn argo_cd_repository_credential_template() {
+        let format = Format::ArgoCd(ArgoCd {
+            secret_type: ArgoCdSecretType::RepoCreds,
+            url: "https://github.com/demo-org".into(),
+            repository_type: ArgoCdRepositoryType::Git,
+            enable_oci: false,
+            project: Some("team-a".into()),
+            name: None,
+            username: None,
+        });
+        let rendered = render(
+            &format,
+            &Token {
+                username: Some("x-access-token"),
+                ..token()
+            },
+        );
+        assert_eq!(rendered.labels[ARGOCD_SECRET_TYPE_LABEL], "repo-creds");
+        let data: Vec<(&str, String)> = rendered.data.keys().map(|k| (k.as_str(), text(&rendered, k))).collect();
+        assert_eq!(
+            data,
+            [
+                ("password", TOKEN.to_string()),
+                ("project", "team-a".into()),
+                ("type", "git".into()),
+                ("url", "https://github.com/demo-org".into()),
+                ("username", "x-access-token".into()),
+            ]
+        );
+        let oci = Format::ArgoCd(ArgoCd {
+            secret_type: ArgoCdSecretType::Repository,
+            url: "us-docker.pkg.dev/demo-project/charts".into(),
+            repository_type: ArgoCdRepositoryType::Helm,
+            enable_oci: true,
+            project: None,
+            name: Some("charts".into()),
+            username: Some("oauth2accesstoken".into()),
+        });
+        let rendered = render(&oci, &token());
+        assert_eq!(rendered.labels[ARGOCD_SECRET_TYPE_LABEL], "repository");
+        assert_eq!(text(&rendered, "type"), "helm");
+        assert_eq!(text(&rendered, "enableOCI"), "true");
+        assert_eq!(text(&rendered, "name"), "charts");
+    }
+
+    #[test]
+    fn git_credential_store_lines_are_percent_encoded() {
+        let format = Format::GitCredentials {
+            urls: vec![
+                ("https://github.com".into(), "/demo-org".into()),
+                ("http://127.0.0.1:8080".into(), String::new()),
+            ],
+            username: Some("us:er@x".into()),
+        };
+        let rendered = render(&format, &token());
+        assert_eq!(
+            text(&rendered, GIT_CREDENTIALS_KEY),
+            "https://us%3Aer%40x:ya29.a%2Fb%40c%3Ad@github.com/demo-org\n\
+             http://us%3Aer%40x:ya29.a%2Fb%40c%3Ad@127.0.0.1:8080\n"
+        );
+        assert_eq!(format.previous_key(), None);
+    }
+
+    #[test]
+    fn netrc_lines_and_what_netrc_cannot_hold() {
+        let format = Format::Netrc {
+            hosts: vec!["us-go.pkg.dev".into(), "127.0.0.1".into()],
+            username: Some("oauth2accesstoken".into()),
+        };
+        let rendered = render(&format, &token());
+        assert_eq!(
+            text(&rendered, NETRC_KEY),
+            format!(
+                "machine us-go.pkg.dev login oauth2accesstoken password {TOKEN}\n\
+                 machine 127.0.0.1 login oauth2accesstoken password {TOKEN}\n"
+            )
+        );
+        let spaced = Token {
+            token: "two words",
+            ..token()
+        };
+        assert_eq!(
+            format.render(&spaced),
+            Err(RenderError::Unrepresentable { format: "netrc" })
+        );
+    }
+
+    #[test]
+    fn npmrc_for_artifact_registry() {
+        let format = Format::Npmrc {
+            registries: vec![
+                NpmRegistry {
+                    url: "https://us-npm.pkg.dev/demo-project/npm-repo/".into(),
+                    scope: Some("@demo".into()),
+                },
+                NpmRegistry {
+                    url: "https://europe-npm.pkg.dev/demo-project/all/".into(),
+                    scope: None,
+                },
+            ],
+        };
+        let rendered = render(&format, &token());
+        assert_eq!(
+            text(&rendered, NPMRC_KEY),
+            format!(
+                "@demo:registry=https://us-npm.pkg.dev/demo-project/npm-repo/\n\
+                 //us-npm.pkg.dev/demo-project/npm-repo/:_authToken={TOKEN}\n\
+                 //us-npm.pkg.dev/demo-project/npm-repo/:always-auth=true\n\
+                 registry=https://europe-npm.pkg.dev/demo-project/all/\n\
+                 //europe-npm.pkg.dev/demo-project/all/:_authToken={TOKEN}\n\
+                 //europe-npm.pkg.dev/demo-project/all/:always-auth=true\n"
+            )
+        );
+    }
+
+    #[test]
+    fn templates_render_data_and_annotations_without_the_token() {
+        let format = Format::Template(Templates {
+            token_key: "token".into(),
+            data: BTreeMap::from([(
+                "config.json".into(),
+                r#"{"token": {{ token | tojson }}, "expiry": "{{ expires_at }}", "basic": "{{ (username ~ ':' ~ token) | b64encode }}"}"#
+                    .into(),
+            )]),
+            annotations: BTreeMap::from([("example.com/expires".into(), "{{ expires_at }} {{ fingerprint }}".into())]),
+        });
+        let rendered = render(
+            &format,
+            &Token {
+                username: Some("u"),
+                ..token()
+            },
+        );
+        let basic = STANDARD.encode(format!("u:{TOKEN}"));
+        assert_eq!(
+            text(&rendered, "config.json"),
+            format!(r#"{{"token": "{TOKEN}", "expiry": "2026-01-01T01:00:00Z", "basic": "{basic}"}}"#)
+        );
+        assert_eq!(text(&rendered, "token"), TOKEN);
+        assert_eq!(
+            rendered.annotations["example.com/expires"],
+            "2026-01-01T01:00:00Z 0123456789ab"
+        );
+        assert_eq!(format.previous_key(), None);
+    }
+
+    #[test]
+    fn carriers_round_trip_and_refuse_edits() {
+        for carrier in [
+            Carrier::Key("password".into()),
+            Carrier::DockerConfig,
+            Carrier::GitCredentials,
+            Carrier::Netrc,
+            Carrier::Npmrc,
+        ] {
+            assert_eq!(Carrier::decode(&carrier.encode()), Some(carrier));
+        }
+        assert_eq!(Carrier::decode("unknown"), None);
+        // Two lines that disagree mean the file was edited: no token is trusted from it.
+        let data = BTreeMap::from([(
+            NETRC_KEY.to_string(),
+            b"machine a login u password one\nmachine b login u password two\n".to_vec(),
+        )]);
+        assert_eq!(Carrier::Netrc.read(&data), None);
+        assert_eq!(Carrier::GitCredentials.read(&data), None);
+    }
+}

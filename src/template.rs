@@ -277,3 +277,86 @@ impl Allowed {
 fn not_allowed(what: &str) -> TemplateError {
     TemplateError::NotAllowed(what.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn values() -> Values<'static> {
+        Values {
+            token: Some("ya29.tok"),
+            expires_at: "2026-01-01T01:00:00Z",
+            username: Some("x-access-token"),
+            scopes: &[],
+            fingerprint: "0123456789ab",
+        }
+    }
+
+    fn refusal(source: &str) -> String {
+        match check(source, true) {
+            Err(TemplateError::NotAllowed(what)) => what,
+            other => panic!("{source:?} was not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_allowed_language_renders() {
+        let source = "{% if username %}{{ username | upper }}:{% endif %}{{ token | b64encode }}\
+                      {% for s in ['a', 'b'] %}[{{ loop.index }}{{ s }}]{% endfor %}";
+        check(source, true).unwrap();
+        assert_eq!(
+            render(source, &values(), 1024).unwrap(),
+            "X-ACCESS-TOKEN:eWEyOS50b2s=[1a][2b]"
+        );
+    }
+
+    #[test]
+    fn what_could_amplify_or_reach_out_is_refused() {
+        assert_eq!(refusal("{% set a = token %}{{ a }}"), "`set`");
+        assert_eq!(refusal("{% with a = token %}{{ a }}{% endwith %}"), "`with`");
+        assert_eq!(refusal("{{ token * 100000000 }}"), "`*` and `**`");
+        assert_eq!(refusal("{{ range(10) }}"), "a call");
+        assert_eq!(refusal("{{ {'a': 1} }}"), "a map literal");
+        assert!(refusal("{{ token | replace('a', 'bb') }}").starts_with("the filter \"replace\""));
+        assert!(refusal("{{ secret }}").starts_with("the variable \"secret\""));
+        assert!(refusal("{% for x in scopes recursive %}{{ loop(x) }}{% endfor %}").contains("recursive"));
+        // Annotation templates do not see the token.
+        assert!(matches!(check("{{ token }}", false), Err(TemplateError::NotAllowed(_))));
+        check("{{ fingerprint }}", false).unwrap();
+        assert!(matches!(check("{{ token ", true), Err(TemplateError::Syntax(_))));
+    }
+
+    #[test]
+    fn loops_are_bounded_by_fuel_and_output_by_the_limit() {
+        let nested = "{% for a in 'abcdefghij' %}{% for b in 'abcdefghij' %}{% for c in 'abcdefghij' %}\
+                      {% for d in 'abcdefghij' %}{% for e in 'abcdefghij' %}x{% endfor %}{% endfor %}\
+                      {% endfor %}{% endfor %}{% endfor %}";
+        check(nested, true).unwrap();
+        assert!(matches!(
+            render(nested, &values(), 1 << 20),
+            Err(TemplateError::Render(_))
+        ));
+        let long = "{% for a in 'abcdefghij' %}{{ token }}{% endfor %}";
+        assert_eq!(render(long, &values(), 40), Err(TemplateError::TooLarge { limit: 40 }));
+    }
+
+    #[test]
+    fn errors_do_not_quote_values() {
+        let error = render("{{ token | length | upper }}{{ nothing }}", &values(), 1024).unwrap_err();
+        assert!(!error.to_string().contains("ya29.tok"), "{error}");
+    }
+
+    proptest! {
+        /// Any text is checked, and rendered if allowed, without a panic and within the limit.
+        #[test]
+        fn any_template_is_checked_and_rendered_safely(source in "[{}%# a-z|'()*~.\\[\\]0-9]{0,80}") {
+            if check(&source, true).is_ok()
+                && let Ok(out) = render(&source, &values(), 4096)
+            {
+                prop_assert!(out.len() <= 4096);
+            }
+        }
+    }
+}
