@@ -69,18 +69,21 @@ pub mod bound {
     /// A username sent with a token (`x-access-token`, `oauth2accesstoken`, ...).
     pub const USERNAME: u32 = 256;
     /// Hosts or URLs a credential file or Tekton annotations name.
-    pub const CREDENTIAL_HOSTS: u32 = 32;
+    pub const CREDENTIAL_HOSTS: u32 = 16;
     /// A URL of a repository, a registry or a prefix of them.
-    pub const URL: u32 = 2048;
+    pub const URL: u32 = 512;
     /// An Argo CD project or repository name.
     pub const ARGO_NAME: u32 = 253;
     /// An npm scope (`@team`).
     pub const NPM_SCOPE: u32 = 215;
-    /// Keys, and annotations, a template renders.
-    pub const TEMPLATE_ENTRIES: u32 = 16;
-    /// One template: enough for a configuration file, small enough that 16 of them keep the
-    /// TokenRequest (which the operator caches) small.
-    pub const TEMPLATE: u32 = 8192;
+    /// Keys a template renders, and the template of one: enough for a few configuration files,
+    /// small enough that the largest spec stays within what `kubectl apply` can copy into its
+    /// annotation (see the size bounds in the README).
+    pub const TEMPLATE_ENTRIES: u32 = 4;
+    pub const TEMPLATE: u32 = 4096;
+    /// Annotations a template renders, and the template of one.
+    pub const ANNOTATION_TEMPLATE_ENTRIES: u32 = 4;
+    pub const ANNOTATION_TEMPLATE: u32 = 1024;
     /// Workloads restarted for one token: each restart is a patch.
     pub const ROLLOUT_RESTART_TARGETS: u32 = 20;
     /// A duration such as `1h30m`; see [`super::duration_pattern`].
@@ -839,7 +842,7 @@ pub struct TemplateFormat {
     /// Annotation key to template. These templates do not see `token`: annotations are shown by
     /// `kubectl describe` and copied by tools that treat metadata as not secret.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(transform = BoundedMap { entries: bound::TEMPLATE_ENTRIES, key: bound::METADATA_KEY, value: bound::TEMPLATE })]
+    #[schemars(transform = BoundedMap { entries: bound::ANNOTATION_TEMPLATE_ENTRIES, key: bound::METADATA_KEY, value: bound::ANNOTATION_TEMPLATE })]
     pub annotations: BTreeMap<String, String>,
 }
 

@@ -113,7 +113,7 @@ pub struct Token<'a> {
 pub enum RenderError {
     #[error("no username goes with this token: the flow returned none; set the format's username")]
     NoUsername,
-    #[error("the token or the username contains whitespace or control characters, which {format} cannot hold")]
+    #[error("the token or the username contains characters that {format} cannot hold")]
     Unrepresentable { format: &'static str },
     #[error("spec.secret.format.template.{field}[{key:?}]: {source}")]
     Template {
@@ -180,14 +180,15 @@ impl Carrier {
             Self::Netrc => text(NETRC_KEY)?
                 .lines()
                 .map(|line| {
-                    let mut words = line.split_whitespace();
-                    words.find(|w| *w == "password")?;
-                    words.next().map(String::from)
+                    // `KEYWORD VALUE` pairs, so that a login named "password" is not taken for one.
+                    let words: Vec<&str> = line.split_whitespace().collect();
+                    let pair = words.chunks(2).find(|pair| pair[0] == "password")?;
+                    pair.get(1).map(|token| token.to_string())
                 })
                 .collect::<Option<_>>()?,
             Self::Npmrc => text(NPMRC_KEY)?
                 .lines()
-                .filter_map(|line| line.split_once(":_authToken=").map(|(_, token)| token.to_string()))
+                .filter_map(|line| line.rsplit_once(":_authToken=").map(|(_, token)| token.to_string()))
                 .collect(),
         };
         let first = tokens.first()?;
@@ -403,6 +404,10 @@ impl Format {
                     out.annotations.insert(key.clone(), value);
                 }
             }
+        }
+        // What cannot be read back would be minted again at every reconcile: refuse it instead.
+        if self.carrier().read(&out.data).as_deref() != Some(secret) {
+            return Err(RenderError::Unrepresentable { format: self.name() });
         }
         Ok(out)
     }

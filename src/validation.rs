@@ -1077,6 +1077,195 @@ mod tests {
         check(spec).expect_err("spec should be invalid").problems
     }
 
+    fn one_problem(value: serde_json::Value) -> String {
+        let problems = problems(&from_json(value));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problems.into_iter().next().unwrap()
+    }
+
+    const CALLER: &str = r#"{"secret": {"name": "caller", "key": "token"}}"#;
+
+    fn caller() -> serde_json::Value {
+        serde_json::from_str(CALLER).unwrap()
+    }
+
+    #[test]
+    fn id_token_flows() {
+        let run = "https://hello-abc-uc.a.run.app";
+        let v = check(&from_json(serde_json::json!({
+            "flow": {"idToken": {"audience": run, "serviceAccount": "inv@p.iam.gserviceaccount.com",
+                                 "delegates": ["d@p.iam.gserviceaccount.com"], "includeEmail": true}},
+            "source": caller(),
+        })))
+        .unwrap();
+        let Flow::IdToken(p) = &v.flow else {
+            panic!("idToken expected")
+        };
+        assert_eq!(p.delegates, ["projects/-/serviceAccounts/d@p.iam.gserviceaccount.com"]);
+        assert!(p.include_email && p.federation.is_none());
+        assert_eq!(v.flow.name(), "idToken");
+        assert_eq!(v.flow.max_lifetime(), Duration::from_secs(3600 + 300));
+        assert_eq!(v.flow.default_username(), None);
+
+        // The federated route: a ServiceAccount token is the STS subject, in one object.
+        let v = check(&from_json(serde_json::json!({
+            "flow": {"idToken": {"audience": run, "serviceAccount": "inv@p.iam.gserviceaccount.com",
+                                 "federation": {"audience": AUDIENCE}}},
+            "source": {"serviceAccountToken": {"serviceAccountName": "app"}},
+        })))
+        .unwrap();
+        let Source::ServiceAccountToken { audience, .. } = &v.source else {
+            panic!()
+        };
+        assert_eq!(audience, AUDIENCE);
+
+        // Without a service account, only the metadata server's own identity issues one.
+        let message = one_problem(serde_json::json!({"flow": {"idToken": {"audience": run}}, "source": caller()}));
+        assert!(
+            message.contains("serviceAccount is required unless the source is ambient"),
+            "{message}"
+        );
+        let message = one_problem(serde_json::json!({
+            "flow": {"idToken": {"audience": run, "serviceAccount": "inv@p.iam.gserviceaccount.com"}},
+            "source": {"serviceAccountToken": {"serviceAccountName": "app"}},
+        }));
+        assert!(message.contains("idToken.federation"), "{message}");
+        let message = one_problem(serde_json::json!({
+            "flow": {"idToken": {"audience": run, "serviceAccount": "a/../b"}}, "source": caller(),
+        }));
+        assert!(message.starts_with("spec.flow.idToken.serviceAccount"), "{message}");
+        let message = one_problem(serde_json::json!({
+            "flow": {"idToken": {"audience": "a\nb", "serviceAccount": "inv@p.iam.gserviceaccount.com"}}, "source": caller(),
+        }));
+        assert!(message.starts_with("spec.flow.idToken.audience"), "{message}");
+    }
+
+    #[test]
+    fn repository_flows_and_the_usernames_formats_need() {
+        let link = "projects/p/locations/l/connections/c/gitRepositoryLinks/r";
+        let repo = |format: serde_json::Value| {
+            serde_json::json!({"flow": {"developerConnectRepository": {"gitRepositoryLink": link, "access": "readWrite"}},
+                               "source": caller(), "secret": {"format": format}})
+        };
+        let v = check(&from_json(repo(serde_json::json!({"basicAuth": {}})))).unwrap();
+        assert_eq!(
+            v.flow,
+            Flow::DeveloperConnectRepository {
+                git_repository_link: link.into(),
+                access: RepositoryAccess::ReadWrite
+            }
+        );
+        // The username comes with the token.
+        assert_eq!(v.secret.format.username(), Some(None));
+        let bad = serde_json::json!({"flow": {"developerConnectRepository": {"gitRepositoryLink": "projects/p/locations/l/connections/c/gitRepositoryLinks/.."}}, "source": caller()});
+        assert!(one_problem(bad).contains("gitRepositoryLink"));
+
+        // Access tokens go to registries as oauth2accesstoken; a provider's user token has no username.
+        let impersonation =
+            serde_json::json!({"impersonation": {"serviceAccount": "a@p.iam.gserviceaccount.com", "scopes": ["s"]}});
+        let v = check(&from_json(
+            serde_json::json!({"flow": impersonation, "source": caller(),
+            "secret": {"format": {"netrc": {"hosts": ["us-go.pkg.dev"]}}}}),
+        ))
+        .unwrap();
+        assert_eq!(v.secret.format.username(), Some(Some("oauth2accesstoken")));
+        let message = one_problem(serde_json::json!({
+            "flow": {"developerConnect": {"accountConnector": "projects/p/locations/l/accountConnectors/c"}},
+            "source": caller(), "secret": {"format": {"gitCredentials": {"urls": ["https://github.com"]}}},
+        }));
+        assert!(
+            message.contains("gitCredentials.username is required") && message.contains("x-access-token"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn formats_refuse_what_their_consumers_cannot_take() {
+        let with = |secret: serde_json::Value| {
+            serde_json::json!({"flow": {"impersonation": {"serviceAccount": "a@p.iam.gserviceaccount.com", "scopes": ["s"]}},
+                               "source": caller(), "secret": secret})
+        };
+        let cases = [
+            (
+                serde_json::json!({"type": "kubernetes.io/dockerconfigjson", "format": {"basicAuth": {}}}),
+                "spec.secret.type does not apply",
+            ),
+            (
+                serde_json::json!({"tokenKey": "t", "format": {"netrc": {"hosts": ["h"]}}}),
+                "spec.secret.tokenKey does not apply",
+            ),
+            (
+                serde_json::json!({"format": {"gitCredentials": {"urls": ["https://u:p@github.com"]}}}),
+                "without credentials",
+            ),
+            (
+                serde_json::json!({"format": {"gitCredentials": {"urls": ["ssh://github.com"]}}}),
+                "http(s) URL",
+            ),
+            (
+                serde_json::json!({"format": {"netrc": {"hosts": ["github.com:443"]}}}),
+                "without port or path",
+            ),
+            (
+                serde_json::json!({"format": {"basicAuth": {"tekton": {"git": ["https://github.com/org"]}}}}),
+                "URL of a host",
+            ),
+            (
+                serde_json::json!({"format": {"basicAuth": {"username": "two words"}}}),
+                "without whitespace",
+            ),
+            (
+                serde_json::json!({"format": {"flux": {"auth": "bearer", "username": "u"}}}),
+                "does not apply with auth bearer",
+            ),
+            (
+                serde_json::json!({"format": {"npmrc": {"registries": [{"url": "https://a.pkg.dev/p/r"}, {"url": "https://b.pkg.dev/p/r"}]}}}),
+                "at most one registry may be without a scope",
+            ),
+            (
+                serde_json::json!({"format": {"npmrc": {"registries": [{"url": "https://a.pkg.dev/p/r", "scope": "demo"}]}}}),
+                "not an npm scope",
+            ),
+            (
+                serde_json::json!({"labels": {"argocd.argoproj.io/secret-type": "cluster"},
+                                "format": {"argoCD": {"url": "https://github.com/org"}}}),
+                "is set by",
+            ),
+            (
+                serde_json::json!({"format": {"template": {"data": {"token": "{{ token }}"}}}}),
+                "the token's own key",
+            ),
+            (
+                serde_json::json!({"format": {"template": {"data": {"a": "{{ token"}}}}),
+                r#"template.data["a"]: syntax error"#,
+            ),
+            (
+                serde_json::json!({"format": {"template": {"data": {"a": "{{ nope }}"}}}}),
+                r#"template.data["a"]: the variable "nope""#,
+            ),
+            (
+                serde_json::json!({"format": {"template": {"data": {"a": "x"}, "annotations": {"e.com/a": "{{ token }}"}}}}),
+                r#"template.annotations["e.com/a"]: the variable "token""#,
+            ),
+            (
+                serde_json::json!({"format": {"template": {"data": {"a": "x"}, "annotations": {"gcptoken.dev/x": "y"}}}}),
+                "reserved",
+            ),
+            (
+                serde_json::json!({"annotations": {"e.com/a": "1"}, "format": {"template": {"data": {"a": "x"}, "annotations": {"e.com/a": "y"}}}}),
+                "also in spec.secret.annotations",
+            ),
+            (
+                serde_json::json!({"format": {"template": {"data": {"a": "{% for a in 'abcdefghij' %}{% for b in 'abcdefghij' %}{% for c in 'abcdefghij' %}{% for d in 'abcdefghij' %}{{ token }}{% endfor %}{% endfor %}{% endfor %}{% endfor %}"}}}}),
+                r#"template.data["a"]"#,
+            ),
+        ];
+        for (secret, expected) in cases {
+            let message = one_problem(with(secret.clone()));
+            assert!(message.contains(expected), "{secret}: {message}");
+        }
+    }
+
     #[test]
     fn sts_defaults() {
         let v = check(&sts_spec()).unwrap();

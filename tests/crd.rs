@@ -175,9 +175,12 @@ fn largest_json(schema: &Value) -> u64 {
         Some("array") => 2 + bound("maxItems") * (largest_json(&schema["items"]) + 1),
         Some("object") => {
             let properties = schema["properties"].as_object().into_iter().flatten();
-            let fields: u64 = properties
-                .map(|(name, property)| name.len() as u64 + 4 + largest_json(property))
-                .sum();
+            let one_of = one_of_members(schema);
+            let size = |(name, property): (&String, &Value)| name.len() as u64 + 4 + largest_json(property);
+            // Of a one-of group, the CRD's rule admits one member: the largest counts.
+            let (members, others): (Vec<_>, Vec<_>) = properties.partition(|(name, _)| one_of.contains(name));
+            let fields: u64 =
+                others.into_iter().map(size).sum::<u64>() + members.into_iter().map(size).max().unwrap_or(0);
             let entries = match schema.get("additionalProperties").filter(|v| v.is_object()) {
                 Some(values) => bound("maxProperties") * (u64::from(bound::METADATA_KEY) + 4 + largest_json(values)),
                 None => 0,
@@ -189,6 +192,21 @@ fn largest_json(schema: &Value) -> u64 {
     }
 }
 
+/// The members of the one-of group an object's CEL rule (`crd::one_of`) defines, if any.
+fn one_of_members(schema: &Value) -> Vec<String> {
+    let rules = schema["x-kubernetes-validations"].as_array().into_iter().flatten();
+    let rule = rules
+        .filter_map(|r| r["rule"].as_str())
+        .find(|r| r.ends_with(".filter(x, x).size() == 1"));
+    rule.map(|rule| {
+        rule.split("has(self.")
+            .skip(1)
+            .filter_map(|rest| rest.split_once(')').map(|(name, _)| name.to_string()))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 #[test]
 fn the_largest_spec_and_status_the_schema_admits_stay_under_224_kib() {
     let schema = open_api_schema();
@@ -196,6 +214,7 @@ fn the_largest_spec_and_status_the_schema_admits_stay_under_224_kib() {
     let status = largest_json(&schema["properties"]["status"]);
     // About 209 and 199 KiB today, as the README says: a new field that grows them is a visible
     // change here.
+    eprintln!("the largest spec is {spec} characters, the largest status {status}");
     assert!(spec < 224 * 1024, "the largest spec is {spec} characters");
     assert!(status < 224 * 1024, "the largest status is {status} characters");
 }
@@ -595,13 +614,23 @@ async fn kubectl_apply_is_refused_by_the_crd_s_rules_with_their_messages() {
             "two-flows",
             json!({"flow": {"sts": sts, "impersonation": impersonation}, "source": token_source}),
             "spec.flow: Invalid value",
-            "exactly one of sts, impersonation, developerConnect, discoveryEngine must be set, but these are set: sts impersonation",
+            "exactly one of sts, impersonation, developerConnect, discoveryEngine, idToken, developerConnectRepository \
+             must be set, but these are set: sts impersonation",
         ),
         (
             "no-flow",
             json!({"flow": {}, "source": token_source}),
             "spec.flow: Invalid value",
-            "exactly one of sts, impersonation, developerConnect, discoveryEngine must be set, but none is",
+            "exactly one of sts, impersonation, developerConnect, discoveryEngine, idToken, developerConnectRepository \
+             must be set, but none is",
+        ),
+        (
+            "two-formats",
+            json!({"flow": {"impersonation": impersonation}, "source": token_source,
+                   "secret": {"format": {"netrc": {"hosts": ["h"]}, "template": {"data": {"a": "b"}}}}}),
+            "spec.secret.format: Invalid value",
+            "exactly one of basicAuth, flux, argoCD, gitCredentials, netrc, npmrc, template must be set, but these \
+             are set: netrc template",
         ),
         (
             "two-sources",

@@ -16,7 +16,7 @@ use gcp_token_operator::{
 use k8s_openapi::{ByteString, api::core::v1::Secret, jiff::Timestamp};
 use kube::ResourceExt;
 use proptest::prelude::*;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
 /// Strings as a tenant writes them: empty, ordinary, absurd (control characters, non-ASCII,
@@ -126,6 +126,39 @@ fn policy() -> impl Strategy<Value = RefreshPolicy> {
             renew_before,
             lifetime_when_unknown,
         })
+}
+
+/// `spec.secret.format` as a tenant might write it: each member, with hostile values mixed in.
+fn format_json() -> impl Strategy<Value = Value> {
+    let urls = || prop::collection::vec(or_hostile("https://github.com/demo-org"), 0..4);
+    let username = || maybe(or_hostile("x-access-token"));
+    let template = prop_oneof![
+        Just("{{ token }}".to_string()),
+        Just(
+            "{\"t\": {{ token | tojson }}, \"u\": {{ username | tojson }}, \"s\": {{ scopes | join(' ') | tojson }}}"
+                .to_string()
+        ),
+        Just("{% for s in scopes %}{{ s | upper }}{% endfor %}{{ expires_at }}".to_string()),
+        "[{}%# a-z|'()~.]{0,60}",
+        hostile_string(),
+    ];
+    prop_oneof![
+        (username(), urls(), urls()).prop_map(|(u, git, docker)| json!({"basicAuth": {"username": u, "tekton": {"git": git, "docker": docker}}})),
+        (username(), any::<bool>()).prop_map(|(u, bearer)| if bearer {
+            json!({"flux": {"auth": "bearer"}})
+        } else {
+            json!({"flux": {"username": u}})
+        }),
+        (or_hostile("https://github.com/demo-org"), maybe(hostile_string()), username())
+            .prop_map(|(url, project, u)| json!({"argoCD": {"secretType": "repoCreds", "url": url, "project": project, "username": u}})),
+        (urls(), username()).prop_map(|(urls, u)| json!({"gitCredentials": {"urls": urls, "username": u}})),
+        (prop::collection::vec(or_hostile("us-go.pkg.dev"), 0..4), username())
+            .prop_map(|(hosts, u)| json!({"netrc": {"hosts": hosts, "username": u}})),
+        (or_hostile("https://us-npm.pkg.dev/p/r/"), maybe(or_hostile("@demo")))
+            .prop_map(|(url, scope)| json!({"npmrc": {"registries": [{"url": url, "scope": scope}]}})),
+        (or_hostile("config.json"), template.clone(), template)
+            .prop_map(|(key, data, annotation)| json!({"template": {"data": {key: data}, "annotations": {"example.com/a": annotation}}})),
+    ]
 }
 
 fn token_request(spec: TokenRequestSpec) -> TokenRequest {
@@ -266,6 +299,45 @@ proptest! {
         prop_assert!(kept <= MAX_CACHED_SECRET, "{kept}");
         if !owned {
             prop_assert!(secret.data.is_none() && secret.metadata.annotations.is_none());
+        }
+    }
+
+    /// Any format a tenant writes is valid or InvalidSpec; a valid one renders any token Google
+    /// could return into a Secret under the limit from which the same token is read back (one
+    /// that could not be read back would be minted again at every reconcile), or refuses it.
+    #[test]
+    fn any_format_renders_a_token_it_reads_back_or_refuses_it(
+        format in format_json(), flow in prop_oneof![Just("impersonation"), Just("repository"), Just("developerConnect")],
+        token in prop_oneof![4 => "[A-Za-z0-9._-]{1,300}", 1 => "\\PC{1,64}", 1 => hostile_string()],
+        username in maybe(hostile_string()),
+    ) {
+        let flow = match flow {
+            "impersonation" => json!({"impersonation": {"serviceAccount": "a@b.iam.gserviceaccount.com", "scopes": ["s"]}}),
+            "repository" => json!({"developerConnectRepository": {"gitRepositoryLink": "projects/p/locations/l/connections/c/gitRepositoryLinks/r"}}),
+            _ => json!({"developerConnect": {"accountConnector": "projects/p/locations/l/accountConnectors/c"}}),
+        };
+        let Ok(spec) = serde_json::from_value::<TokenRequestSpec>(json!({
+            "flow": flow, "source": {"secret": {"name": "caller", "key": "token"}}, "secret": {"format": format},
+        })) else { return Ok(()) };
+        let tr = token_request(spec);
+        let at = Placement { namespace: "ns", name: "tr", policy: &Policy::default() };
+        let Ok(valid) = validate(&tr.spec, &at) else { return Ok(()) };
+        let now = Timestamp::now();
+        let record = TokenRecord {
+            token: SecretString::from(token.clone()),
+            issued_at: now,
+            expires_at: refresh::later(now, Duration::from_secs(3600)),
+            scopes: vec!["s".into()],
+            username,
+        };
+        if render::check_issued(&record, now, Duration::from_secs(7200)).is_err() {
+            return Ok(());
+        }
+        if let Ok(secret) = render::desired_secret(&tr, &valid, &record, None) {
+            let bytes: usize = secret.data.iter().flatten().map(|(k, v)| k.len() + v.0.len()).sum();
+            prop_assert!(bytes <= MAX_SECRET_DATA);
+            let stored = render::stored_token(&secret, &valid.secret).expect("the token is read back");
+            prop_assert_eq!(stored.record.token.expose_secret(), token.as_str());
         }
     }
 

@@ -855,6 +855,7 @@ fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine;
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -1229,6 +1230,48 @@ mod tests {
             }
         }
 
+        #[test]
+        fn a_valid_repository_link_keeps_its_structure(
+            ids in [resource_id(), resource_id(), resource_id(), resource_id()],
+            base in bases(),
+        ) {
+            let [p, l, c, r] = &ids;
+            let name = format!("projects/{p}/locations/{l}/connections/{c}/gitRepositoryLinks/{r}");
+            let flow = json!({"developerConnectRepository": {"gitRepositoryLink": name}});
+            if let Some(Flow::DeveloperConnectRepository { git_repository_link, .. }) = validated(flow) {
+                let url = resource_url(&Endpoints::all_at(&base).developer_connect, "v1", &git_repository_link, ":fetchReadToken");
+                let last = format!("{r}:fetchReadToken");
+                let segments = ["v1", "projects", p, "locations", l, "connections", c, "gitRepositoryLinks", &last];
+                confined(&url, &base, &segments)?;
+            }
+        }
+
+        #[test]
+        fn an_id_token_service_account_is_one_segment(account in prop_oneof![hostile(), "[a-z]{1,8}@p\\.iam\\.gserviceaccount\\.com"], base in bases()) {
+            let flow = json!({"idToken": {"audience": "https://a.run.app", "serviceAccount": account}});
+            if let Some(Flow::IdToken(p)) = validated(flow) {
+                let account = p.service_account.unwrap();
+                let url = Endpoints::all_at(&base).generate_id_token_url(&account);
+                let last = format!("{account}:generateIdToken");
+                confined(&url, &base, &["v1", "projects", "-", "serviceAccounts", &last])?;
+            }
+        }
+
+        /// Whatever an ID token endpoint answers, the expiry is the `exp` claim or the answer is
+        /// a classified error; nothing panics.
+        #[test]
+        fn any_id_token_is_read_or_refused(claims in answer_body(), exp in any::<i64>(), header in "\\PC{0,40}") {
+            let clocks = Clocks { sent: ts(1_000), server: Some(ts(1_000)) };
+            let part = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+            for payload in [claims, json!({"exp": exp}).to_string().into_bytes()] {
+                let token = format!("{}.{}.sig", part(header.as_bytes()), part(&payload));
+                match id_token(Api::IamCredentials, token, clocks) {
+                    Ok(issued) => prop_assert!(issued.expires_at.is_some()),
+                    Err(e) => { let _ = (e.class(), e.reason(), e.to_string()); }
+                }
+            }
+        }
+
         /// Whole names of any shape: whatever passes validation has the documented structure.
         #[test]
         fn any_name_that_passes_has_the_documented_structure(name in hostile(), base in bases()) {
@@ -1328,6 +1371,33 @@ mod tests {
             .err()
             .expect("must fail");
         assert_eq!(describe_json_error(&e), "not JSON (line 1, column 1)");
+    }
+
+    #[test]
+    fn an_id_token_expires_at_its_exp_claim_on_googles_clock() {
+        let part = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let jwt = |claims: serde_json::Value| format!("{}.{}.c2ln", part(json!({"alg": "RS256"})), part(claims));
+        // Google's clock is 100 s ahead: the lifetime (exp - Date) counts from when the call was sent.
+        let clocks = Clocks {
+            sent: ts(1_000),
+            server: Some(ts(1_100)),
+        };
+        let issued = id_token(Api::IamCredentials, jwt(json!({"exp": 4_700, "aud": "x"})), clocks).unwrap();
+        assert_eq!(issued.expires_at, Some(ts(4_600)));
+        assert!(issued.scopes.is_empty());
+        for bad in [
+            "not a jwt".to_string(),
+            jwt(json!({"aud": "x"})),
+            jwt(json!({"exp": "soon"})),
+            jwt(json!({"exp": i64::MAX})),
+        ] {
+            let error = id_token(Api::IamCredentials, bad, clocks).unwrap_err();
+            assert!(matches!(error, GoogleError::Malformed { .. }), "{error}");
+        }
+        assert!(matches!(
+            id_token(Api::Metadata, String::new(), clocks),
+            Err(GoogleError::EmptyToken { .. })
+        ));
     }
 
     #[test]
