@@ -37,9 +37,15 @@ for component in rustfmt clippy; do
     rustup component add "$component"
   fi
 done
-# flock serialises substrate builds.
-if ! command -v flock >/dev/null; then
-  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq util-linux
+# flock serialises substrate builds; the end-to-end tests run the real git (with its
+# git-http-backend) and curl as consumers of the Secrets the operator writes.
+packages=()
+command -v flock >/dev/null || packages+=(util-linux)
+command -v git >/dev/null && [ -x "$(git --exec-path)/git-http-backend" ] || packages+=(git)
+command -v curl >/dev/null || packages+=(curl)
+if [ ${#packages[@]} -gt 0 ]; then
+  log "installing ${packages[*]}"
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
 fi
 
 # Build artifacts live outside the repository so that fresh clones (CI) start warm.

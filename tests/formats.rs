@@ -373,3 +373,63 @@ async fn id_tokens_verify_as_cloud_run_and_iap_would() {
     assert_eq!(env.google.calls(Endpoint::GenerateIdToken), 3);
     env.assert_nothing_leaked(&[&caller]).await;
 }
+
+#[tokio::test]
+async fn repository_and_id_token_failures_are_classified_and_an_unknown_expiry_is_assumed() {
+    let mut env = Env::new("repofail").await;
+    let other = "projects/proj/locations/us-central1/connections/github/gitRepositoryLinks/private";
+    env.google.add_git_repository_link(LINK, GIT_USERNAME, &["*"], &[]);
+    env.google
+        .add_git_repository_link(other, GIT_USERNAME, &["user:someone@example.com"], &[]);
+    env.google.add_service_account(INVOKER, &["*"]);
+    let caller = env.caller_token().await;
+    env.put_secret("caller", "token", &caller).await;
+    env.google.fail_next(
+        Endpoint::FetchReadToken,
+        1,
+        gcp_token_operator_testkit::emulator::Fault::EmptyExpiration,
+    );
+    env.google.fail_next(
+        Endpoint::GenerateIdToken,
+        1,
+        gcp_token_operator_testkit::emulator::Fault::Status {
+            code: 503,
+            retry_after: None,
+        },
+    );
+    env.start_operator();
+
+    let mut unknown = repository_spec(json!({"basicAuth": {}}));
+    unknown["refresh"] = json!({"lifetimeWhenUnknown": "20m"});
+    env.create("unknown-expiry", unknown).await;
+    let mut denied = repository_spec(json!({"basicAuth": {}}));
+    denied["flow"]["developerConnectRepository"]["gitRepositoryLink"] = json!(other);
+    env.create("denied", denied).await;
+    let mut missing = repository_spec(json!({"basicAuth": {}}));
+    missing["flow"]["developerConnectRepository"]["gitRepositoryLink"] =
+        json!("projects/proj/locations/us-central1/connections/github/gitRepositoryLinks/gone");
+    env.create("missing", missing).await;
+    env.create(
+        "id",
+        json!({"flow": {"idToken": {"audience": RUN_URL, "serviceAccount": INVOKER}},
+               "source": {"secret": {"name": "caller", "key": "token"}}}),
+    )
+    .await;
+
+    // No expiry from Google: the token is taken to live lifetimeWhenUnknown.
+    let tr = env.wait_ready("unknown-expiry").await;
+    let status = tr.status.unwrap();
+    let lifetime = status.expiration_time.unwrap().0.as_second() - status.last_refresh_time.unwrap().0.as_second();
+    assert_eq!(lifetime, 20 * 60);
+    let tr = env.wait_reason("denied", "PermissionDenied").await;
+    let message = &ready_condition(&tr).unwrap().message;
+    assert!(
+        message.contains("developerconnect.gitRepositoryLinks.fetchReadToken"),
+        "{message}"
+    );
+    env.wait_reason("missing", "NotFound").await;
+    // A 503 is retried soon, and the ID token then issued.
+    env.wait_ready("id").await;
+    assert_eq!(env.google.calls(Endpoint::GenerateIdToken), 2);
+    env.assert_nothing_leaked(&[&caller]).await;
+}
