@@ -85,6 +85,8 @@ pub struct ArgoCd {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Templates {
     pub token_key: String,
+    /// The flow's username, if it decides one before the call.
+    pub username: Option<String>,
     pub data: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
 }
@@ -380,7 +382,7 @@ impl Format {
                 let mut values = Values {
                     token: Some(secret),
                     expires_at: token.expires_at,
-                    username: self.username().flatten().or(token.username),
+                    username: templates.username.as_deref().or(token.username),
                     scopes: token.scopes,
                     fingerprint: token.fingerprint,
                 };
@@ -625,6 +627,7 @@ mod tests {
     fn templates_render_data_and_annotations_without_the_token() {
         let format = Format::Template(Templates {
             token_key: "token".into(),
+            username: None,
             data: BTreeMap::from([(
                 "config.json".into(),
                 r#"{"token": {{ token | tojson }}, "expiry": "{{ expires_at }}", "basic": "{{ (username ~ ':' ~ token) | b64encode }}"}"#

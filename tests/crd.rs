@@ -212,9 +212,8 @@ fn the_largest_spec_and_status_the_schema_admits_stay_under_224_kib() {
     let schema = open_api_schema();
     let spec = largest_json(&schema["properties"]["spec"]);
     let status = largest_json(&schema["properties"]["status"]);
-    // About 209 and 199 KiB today, as the README says: a new field that grows them is a visible
+    // About 217 and 199 KiB today, as the README says: a new field that grows them is a visible
     // change here.
-    eprintln!("the largest spec is {spec} characters, the largest status {status}");
     assert!(spec < 224 * 1024, "the largest spec is {spec} characters");
     assert!(status < 224 * 1024, "the largest status is {status} characters");
 }

@@ -402,6 +402,13 @@ async fn repository_and_id_token_failures_are_classified_and_an_unknown_expiry_i
     let mut unknown = repository_spec(json!({"basicAuth": {}}));
     unknown["refresh"] = json!({"lifetimeWhenUnknown": "20m"});
     env.create("unknown-expiry", unknown).await;
+    // No expiry from Google: the token is taken to live lifetimeWhenUnknown. (Alone, so that the
+    // scripted answer is this TokenRequest's.)
+    let tr = env.wait_ready("unknown-expiry").await;
+    let status = tr.status.unwrap();
+    let lifetime = status.expiration_time.unwrap().0.as_second() - status.last_refresh_time.unwrap().0.as_second();
+    assert_eq!(lifetime, 20 * 60);
+
     let mut denied = repository_spec(json!({"basicAuth": {}}));
     denied["flow"]["developerConnectRepository"]["gitRepositoryLink"] = json!(other);
     env.create("denied", denied).await;
@@ -416,11 +423,6 @@ async fn repository_and_id_token_failures_are_classified_and_an_unknown_expiry_i
     )
     .await;
 
-    // No expiry from Google: the token is taken to live lifetimeWhenUnknown.
-    let tr = env.wait_ready("unknown-expiry").await;
-    let status = tr.status.unwrap();
-    let lifetime = status.expiration_time.unwrap().0.as_second() - status.last_refresh_time.unwrap().0.as_second();
-    assert_eq!(lifetime, 20 * 60);
     let tr = env.wait_reason("denied", "PermissionDenied").await;
     let message = &ready_condition(&tr).unwrap().message;
     assert!(

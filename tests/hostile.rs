@@ -180,8 +180,9 @@ async fn a_long_list_of_problems_still_reaches_status_and_events() {
     assert!(!env.operator_log().contains("publishing an event failed"));
 }
 
-/// A Secret's type is immutable: changing `spec.secret.type` replaces the Secret (a new uid), at
-/// the cost of one mint, instead of failing for ever.
+/// A Secret's type is immutable: changing `spec.secret.type` replaces the Secret (a new uid)
+/// instead of failing for ever, with the token it held (read back before the replacement), so
+/// without a mint.
 #[tokio::test]
 async fn a_type_change_replaces_the_secret() {
     let mut env = Env::new("retype").await;
@@ -205,7 +206,9 @@ async fn a_type_change_replaces_the_secret() {
     assert_ne!(after.uid(), before.uid());
     let tr = env.wait_ready("pull").await;
     assert_eq!(tr.status.as_ref().unwrap().failed_attempts, None);
-    assert_eq!(env.google.calls(Endpoint::GenerateAccessToken), 2);
+    assert_eq!(env.google.calls(Endpoint::GenerateAccessToken), 1);
+    let config = &after.data.as_ref().unwrap()[".dockerconfigjson"].0;
+    assert!(String::from_utf8_lossy(config).contains(&secret_token(&before)));
     env.assert_no_token_leaked().await;
 }
 

@@ -244,6 +244,12 @@ fn validate_format(format: &OutputFormat, token_key: String, flow: Option<&Flow>
     p.check(!t.data.is_empty(), || {
         format!("{AT}.template.data must template at least one key")
     });
+    let username = flow.and_then(Flow::default_username).map(String::from);
+    // What `username` will be when rendering: the flow's, one returned with the token, or none.
+    let trial_username = match flow {
+        Some(Flow::DeveloperConnectRepository { .. }) => Some("x-access-token"),
+        _ => username.as_deref(),
+    };
     for (field, templates, with_token) in [("data", &t.data, true), ("annotations", &t.annotations, false)] {
         for (key, source) in templates {
             let valid_key = if with_token {
@@ -261,13 +267,15 @@ fn validate_format(format: &OutputFormat, token_key: String, flow: Option<&Flow>
                     format!("{AT}.template.annotations: {key:?} is not a valid annotation key, or is reserved")
                 }
             });
-            if let Err(e) = template::check(source, with_token).and_then(|()| trial(source, with_token)) {
+            let checked = template::check(source, with_token).and_then(|()| trial(source, with_token, trial_username));
+            if let Err(e) = checked {
                 p.0.push(format!("{AT}.template.{field}[{key:?}]: {e}"));
             }
         }
     }
     Format::Template(Templates {
         token_key,
+        username,
         data: t.data.clone(),
         annotations: t.annotations.clone(),
     })
@@ -275,13 +283,13 @@ fn validate_format(format: &OutputFormat, token_key: String, flow: Option<&Flow>
 
 /// Renders a template with values of the real shapes, so that what fails for any token (an
 /// undefined name, a filter on the wrong type, too much output) is reported now.
-fn trial(source: &str, with_token: bool) -> Result<(), template::TemplateError> {
+fn trial(source: &str, with_token: bool, username: Option<&str>) -> Result<(), template::TemplateError> {
     let token = "x".repeat(crate::render::MAX_TOKEN_BYTES);
     let scopes = [super::CLOUD_PLATFORM_SCOPE.to_string()];
     let values = template::Values {
         token: with_token.then_some(token.as_str()),
         expires_at: "2026-01-01T00:00:00Z",
-        username: Some("x-access-token"),
+        username,
         scopes: &scopes,
         fingerprint: "0123456789ab",
     };

@@ -19,12 +19,24 @@ pub const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples
 /// The STS audience of `examples/sts-serviceaccounttoken.yaml`.
 pub const AUDIENCE: &str =
     "//iam.googleapis.com/projects/123456/locations/global/workloadIdentityPools/pool/providers/k8s";
-/// The Google service accounts the impersonation examples name.
-const SERVICE_ACCOUNTS: [&str; 3] = [
-    "deployer@demo-project.iam.gserviceaccount.com",
+/// The Google service accounts the impersonation examples name (impersonated with the federated
+/// token of `wif`).
+const SERVICE_ACCOUNTS: [&str; 4] = [
+    DEPLOYER,
     "puller@demo-project.iam.gserviceaccount.com",
     "reader@demo-project.iam.gserviceaccount.com",
+    "artifact-reader@demo-project.iam.gserviceaccount.com",
 ];
+/// The service account the `deployer` TokenRequest holds tokens of, which calls Developer Connect
+/// and generateIdToken in the examples that name `deployer` as their source.
+const DEPLOYER: &str = "deployer@demo-project.iam.gserviceaccount.com";
+/// The service account the Cloud Run ID token examples get ID tokens for.
+const INVOKER: &str = "invoker@demo-project.iam.gserviceaccount.com";
+/// The Git repository link of `developerconnect-repository-*.yaml` and `git-credentials.yaml`.
+const GIT_REPOSITORY_LINK: &str =
+    "projects/demo-project/locations/us-central1/connections/github/gitRepositoryLinks/demo-org-app";
+/// The `gitUsername` Developer Connect returns with the link's tokens (GitHub's).
+pub const GIT_USERNAME: &str = "x-access-token";
 const ACCOUNT_CONNECTOR: &str = "projects/demo-project/locations/us-central1/accountConnectors/github";
 const DATA_CONNECTOR: &str = "projects/demo-project/locations/global/collections/jira/dataConnector";
 /// The Kubernetes ServiceAccount whose federated identity the impersonation examples use.
@@ -54,6 +66,13 @@ pub fn register(google: &GoogleEmulator, namespace: &str) {
     google.add_service_account(AMBIENT_TARGET, &[&format!("serviceAccount:{OPERATOR_IDENTITY}")]);
     google.add_account_connector(ACCOUNT_CONNECTOR);
     google.add_data_connector(DATA_CONNECTOR);
+    // generateIdToken for the invoker: by `deployer` (idtoken-cloudrun.yaml), and by the
+    // federated principal in one object (idtoken-federation.yaml). The IAP example's ID token is
+    // the metadata server's, for the operator's own identity.
+    let deployer = format!("serviceAccount:{DEPLOYER}");
+    google.add_service_account(INVOKER, &[&deployer, &principal]);
+    // Read tokens of the repository link, fetched with the token `deployer` holds.
+    google.add_git_repository_link(GIT_REPOSITORY_LINK, GIT_USERNAME, &[&deployer], &[]);
 }
 
 /// The operator flags the examples need in `namespace` besides the Google endpoints: the ambient

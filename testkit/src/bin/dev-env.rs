@@ -103,7 +103,16 @@ async fn run_demo(
     mut stopped: Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
     let google = GoogleEmulator::start().await.context("starting the Google emulator")?;
-    for endpoint in [Endpoint::Sts, Endpoint::GenerateAccessToken, Endpoint::FetchAccessToken] {
+    let minting = [
+        Endpoint::Sts,
+        Endpoint::GenerateAccessToken,
+        Endpoint::FetchAccessToken,
+        Endpoint::GenerateIdToken,
+        Endpoint::MetadataIdentity,
+        Endpoint::FetchReadToken,
+        Endpoint::FetchReadWriteToken,
+    ];
+    for endpoint in minting {
         google.set_lifetime(endpoint, args.token_lifetime);
     }
     // The demo runs exactly what the tests prove to work.
