@@ -399,6 +399,29 @@ async fn the_api_server_refuses_oversized_values_and_accepts_values_at_the_bound
             json!({"rolloutRestartMinInterval": "1h".repeat(17)}),
             ("spec.rolloutRestartMinInterval", "may not be more than 32 bytes"),
         ),
+        (
+            json!({"secret": {"format": {"template": {"data": entries(bound::TEMPLATE_ENTRIES + 1, 1)}}}}),
+            ("spec.secret.format.template.data", "must have at most 4"),
+        ),
+        (
+            json!({"secret": {"format": {"template": {"data": {"a": long(bound::TEMPLATE + 1)}}}}}),
+            ("spec.secret.format.template.data.a", "may not be more than 4096 bytes"),
+        ),
+        (
+            json!({"secret": {"format": {"template": {"annotations": {"a": long(bound::ANNOTATION_TEMPLATE + 1)}}}}}),
+            (
+                "spec.secret.format.template.annotations.a",
+                "may not be more than 1024 bytes",
+            ),
+        ),
+        (
+            json!({"secret": {"format": {"gitCredentials": {"urls": strings(bound::CREDENTIAL_HOSTS + 1, 8)}}}}),
+            ("spec.secret.format.gitCredentials.urls", "must have at most 16 items"),
+        ),
+        (
+            json!({"flow": {"idToken": {"audience": long(bound::ID_TOKEN_AUDIENCE + 1)}}}),
+            ("spec.flow.idToken.audience", "may not be more than 2048 bytes"),
+        ),
     ];
     for (i, (patch, (path, expected))) in refused.iter().enumerate() {
         let object = token_request(&format!("refused-{i}"), merged(base_spec(), patch));
@@ -439,6 +462,15 @@ async fn the_api_server_refuses_oversized_values_and_accepts_values_at_the_bound
     api.create(&dry_run, &object)
         .await
         .unwrap_or_else(|e| panic!("the largest valid object was refused: {e}"));
+    // The largest format: a template at its bounds.
+    let template = json!({"secret": {"format": {"template": {
+        "data": entries(bound::TEMPLATE_ENTRIES, bound::TEMPLATE),
+        "annotations": entries(bound::ANNOTATION_TEMPLATE_ENTRIES, bound::ANNOTATION_TEMPLATE),
+    }}}});
+    let object = token_request("template-at-the-bounds", merged(base_spec(), &template));
+    api.create(&dry_run, &object)
+        .await
+        .unwrap_or_else(|e| panic!("the largest template was refused: {e}"));
     // The durations of the README and the examples.
     for (i, duration) in [
         "90s", "10m", "1h", "1h30m", "15min", "1h 30m", "1500ms", "2 hours", "45s",
