@@ -64,46 +64,29 @@ fn git(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
         .expect("running git")
 }
 
-/// Clones `url` with the credential-store file `store` into a fresh directory; returns whether
-/// it worked, and the README when it did.
-fn clone_with_store(work: &Path, store: &str, url: &str) -> Option<String> {
-    let file = work.join(format!("store-{}", fastrand::u32(..)));
-    std::fs::write(&file, store).unwrap();
-    let helper = format!("store --file={}", file.display());
+/// Clones `url` with the credential helper `helper` into a fresh directory; the README when it
+/// worked.
+fn clone_with(work: &Path, helper: &str, url: &str, envs: &[(&str, &str)]) -> Option<String> {
     let target = work.join(format!("clone-{}", fastrand::u32(..)));
-    let out = git(
-        work,
-        &[
-            "-c",
-            &format!("credential.helper={helper}"),
-            "clone",
-            url,
-            target.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let helper = format!("credential.helper={helper}");
+    let out = git(work, &["-c", &helper, "clone", url, target.to_str().unwrap()], envs);
     out.status
         .success()
         .then(|| std::fs::read_to_string(target.join("README")).unwrap())
 }
 
+/// Clones with the credential-store file `store`.
+fn clone_with_store(work: &Path, store: &str, url: &str) -> Option<String> {
+    let file = work.join(format!("store-{}", fastrand::u32(..)));
+    std::fs::write(&file, store).unwrap();
+    clone_with(work, &format!("store --file={}", file.display()), url, &[])
+}
+
 /// Clones with a username and password handed over by a credential helper, as Tekton's
 /// credential initialisation does with a basic-auth Secret.
 fn clone_with_basic(work: &Path, username: &str, password: &str, url: &str) -> bool {
-    let target = work.join(format!("clone-{}", fastrand::u32(..)));
     let helper = "!f() { echo username=$GIT_USER; echo password=$GIT_PASS; }; f";
-    let out = git(
-        work,
-        &[
-            "-c",
-            &format!("credential.helper={helper}"),
-            "clone",
-            url,
-            target.to_str().unwrap(),
-        ],
-        &[("GIT_USER", username), ("GIT_PASS", password)],
-    );
-    out.status.success()
+    clone_with(work, helper, url, &[("GIT_USER", username), ("GIT_PASS", password)]).is_some()
 }
 
 /// `curl --netrc-file` against `url`; true when the server let it in.
