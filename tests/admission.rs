@@ -59,7 +59,7 @@ fn values() -> Value {
         {
             "name": "team-a",
             "namespaceSelector": {"matchLabels": {TENANT: "team-a"}},
-            "flows": ["sts", "impersonation"],
+            "flows": ["sts", "impersonation", "idToken"],
             "sources": ["serviceAccountToken", "secret"],
             "serviceAccounts": [r".*@team-a\.iam\.gserviceaccount\.com"],
             "audiences": [r"//iam\.googleapis\.com/projects/123/locations/global/workloadIdentityPools/team-a/providers/.*"],
@@ -131,7 +131,7 @@ async fn admission_policy_restricts_what_token_requests_name_per_namespace() {
     assert_eq!(
         params_a["data"],
         json!({
-            "flows": "sts,impersonation",
+            "flows": "sts,impersonation,idToken",
             "sources": "serviceAccountToken,secret",
             "serviceAccounts": r"^(?:(?:.*@team-a\.iam\.gserviceaccount\.com))$",
             "audiences": r"^(?:(?://iam\.googleapis\.com/projects/123/locations/global/workloadIdentityPools/team-a/providers/.*))$",
@@ -196,7 +196,46 @@ async fn admission_policy_restricts_what_token_requests_name_per_namespace() {
             ),
             Allowed,
         ),
+        (
+            team_a,
+            "id-token-within",
+            id_token(SA_A, &[SA_A2], Some(POOL_A), SA_TOKEN),
+            Allowed,
+        ),
         // team-a: one case per restriction.
+        (
+            team_a,
+            "id-token-service-account",
+            id_token(SA_B, &[], None, SECRET),
+            Denied(
+                BINDING_A,
+                format!(
+                    "spec.flow.idToken.serviceAccount: service account \"{SA_B}\" is not allowed in namespace {team_a}"
+                ),
+            ),
+        ),
+        (
+            team_a,
+            "id-token-delegate",
+            id_token(SA_A, &[SA_B], None, SECRET),
+            Denied(
+                BINDING_A,
+                format!(
+                    "spec.flow.idToken.delegates[0]: service account \"{SA_B}\" is not allowed in namespace {team_a}"
+                ),
+            ),
+        ),
+        (
+            team_a,
+            "id-token-federation",
+            id_token(SA_A, &[], Some(POOL_B), SA_TOKEN),
+            Denied(
+                BINDING_A,
+                format!(
+                    "spec.flow.idToken.federation.audience: audience \"{POOL_B}\" is not allowed in namespace {team_a}"
+                ),
+            ),
+        ),
         (
             team_a,
             "flow",
@@ -204,7 +243,7 @@ async fn admission_policy_restricts_what_token_requests_name_per_namespace() {
             Denied(
                 BINDING_A,
                 format!(
-                    "spec.flow: flow developerConnect is not allowed in namespace {team_a} (allowed: sts, impersonation)"
+                    "spec.flow: flow developerConnect is not allowed in namespace {team_a} (allowed: sts, impersonation, idToken)"
                 ),
             ),
         ),
@@ -784,6 +823,20 @@ fn sts(audience: &str, then: Option<(&str, &[&str], Option<&str>)>, source: &str
         if let Some(lifetime) = lifetime {
             spec += &format!("      lifetime: \"{lifetime}\"\n");
         }
+    }
+    spec + "source:\n" + &indent(source, 2)
+}
+
+/// `spec` YAML: an ID token for `service_account` through `delegates`, after STS at `federation`
+/// if given, from `source`.
+fn id_token(service_account: &str, delegates: &[&str], federation: Option<&str>, source: &str) -> String {
+    let mut spec =
+        format!("flow:\n  idToken:\n    audience: https://hello.a.run.app\n    serviceAccount: {service_account}\n");
+    if !delegates.is_empty() {
+        spec += &format!("    delegates: [{}]\n", delegates.join(", "));
+    }
+    if let Some(audience) = federation {
+        spec += &format!("    federation: {{audience: '{audience}'}}\n");
     }
     spec + "source:\n" + &indent(source, 2)
 }
