@@ -6,8 +6,8 @@
 #
 #   scripts/test.sh                        every test on the newest pinned Kubernetes minor; with
 #                                          CI=true or --all-versions, then the end-to-end operator,
-#                                          CRD, chart, admission and example tests on every other
-#                                          pinned minor
+#                                          CRD, chart, admission, example and format tests on every
+#                                          other pinned minor
 #   scripts/test.sh --kube-version 1.34    every test on Kubernetes 1.34 only (also KUBE_VERSION=1.34)
 #   scripts/test.sh -- NAME_FILTER         arguments after `--` go to the test binaries
 set -euo pipefail
@@ -87,8 +87,8 @@ if [ "$all_versions" = true ]; then
     log "test substrate for Kubernetes $minor"
     KUBEBUILDER_ASSETS=$(substrate "$minor")
     version=$("$KUBEBUILDER_ASSETS/kube-apiserver" --version)
-    log "cargo test, the end-to-end operator, CRD, chart, admission-policy and example tests on $version"
-    cargo test --locked -p gcp-token-operator --test operator --test crd --test chart --test admission --test examples -- "$@"
+    log "cargo test, the end-to-end operator, CRD, chart, admission-policy, example and consumer-format tests on $version"
+    cargo test --locked -p gcp-token-operator --test operator --test crd --test chart --test admission --test examples --test formats -- "$@"
     cargo test --locked -p gcp-token-operator-testkit --test substrate -- "$@"
     tested+=("$version")
   done
