@@ -932,9 +932,29 @@ pub struct TokenRequestStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = bound::TIME))]
     pub last_rollout_restart_time: Option<Time>,
+    /// The last value of the `gcptoken.dev/refresh-requested-at` annotation the operator handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = bound::ANNOTATION_VALUE))]
+    pub last_handled_refresh_request: Option<String>,
 }
 
+/// Set to any new value to have the token refreshed at once (as Flux's
+/// `reconcile.fluxcd.io/requestedAt`); the value handled is kept in
+/// `status.lastHandledRefreshRequest`, so applying the same value again does nothing.
+pub const REFRESH_REQUESTED_ANNOTATION: &str = "gcptoken.dev/refresh-requested-at";
+
 impl TokenRequest {
+    /// The refresh request not yet handled, if any: the annotation's value when it differs from
+    /// the one the status records.
+    pub fn pending_refresh_request(&self) -> Option<&str> {
+        let requested = self.metadata.annotations.as_ref()?.get(REFRESH_REQUESTED_ANNOTATION)?;
+        let handled = self
+            .status
+            .as_ref()
+            .and_then(|s| s.last_handled_refresh_request.as_deref());
+        (handled != Some(requested.as_str())).then_some(requested.as_str())
+    }
+
     /// Name of the Secret this TokenRequest writes.
     pub fn secret_name(&self) -> String {
         self.spec
@@ -1012,6 +1032,26 @@ mod tests {
         for example in ["90s", "10m", "1h", "1h30m", "15min", "1h 30m"] {
             assert!(humantime::parse_duration(example).is_ok(), "{example}");
         }
+    }
+
+    #[test]
+    fn a_refresh_request_is_pending_until_its_value_is_handled() {
+        let spec: TokenRequestSpec = serde_json::from_value(serde_json::json!({
+            "flow": {"developerConnect": {"accountConnector": "projects/p/locations/l/accountConnectors/c"}},
+            "source": {"ambient": {}},
+        }))
+        .unwrap();
+        let mut tr = TokenRequest::new("tr", spec);
+        assert_eq!(tr.pending_refresh_request(), None);
+        tr.metadata.annotations = Some(BTreeMap::from([(REFRESH_REQUESTED_ANNOTATION.into(), "1".into())]));
+        assert_eq!(tr.pending_refresh_request(), Some("1"));
+        tr.status = Some(TokenRequestStatus {
+            last_handled_refresh_request: Some("1".into()),
+            ..Default::default()
+        });
+        assert_eq!(tr.pending_refresh_request(), None);
+        tr.metadata.annotations = Some(BTreeMap::from([(REFRESH_REQUESTED_ANNOTATION.into(), "2".into())]));
+        assert_eq!(tr.pending_refresh_request(), Some("2"));
     }
 
     #[test]

@@ -40,6 +40,8 @@ use crate::{
 
 /// How soon a failed rollout restart is tried again.
 const ROLLOUT_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+/// The least time between two mints a refresh request causes for one TokenRequest.
+pub const REFRESH_REQUEST_FLOOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Failures that end a reconcile without a status written; retried by the error policy.
 #[derive(Debug, thiserror::Error)]
@@ -238,10 +240,18 @@ impl<'a> Reconciler<'a> {
         let held = stored.filter(|t| t.spec_hash == spec.token_hash);
         let valid = held.as_ref().filter(|t| t.record.expires_at > self.now);
 
-        if let Some(next_attempt) = self.backing_off(&spec) {
+        // A refresh asked for with the annotation skips the backoff and the held token, not the
+        // budgets (the mint still needs the namespace's and the endpoint's leave), nor the floor.
+        let requested = self.tr.pending_refresh_request().is_some();
+        if requested {
+            if let Some(at) = self.refresh_request_floor() {
+                return Ok(Action::requeue(refresh::delay_until(self.now, at)));
+            }
+            info!(namespace = %self.namespace, name = %self.name, "refresh requested by annotation");
+        } else if let Some(next_attempt) = self.backing_off(&spec) {
             return self.wait_for_retry(&spec, held.as_ref(), next_attempt).await;
         }
-        if let Some(token) = valid {
+        if let Some(token) = valid.filter(|_| !requested) {
             let refresh_at = self.refresh_point(&spec, &token.record);
             if self.now < refresh_at {
                 return self.keep(&spec, &existing, token, refresh_at).await;
@@ -276,6 +286,15 @@ impl<'a> Reconciler<'a> {
             self.ctx.refresh_spread,
             &key,
         )
+    }
+
+    /// When a requested refresh may mint, if not now: [`REFRESH_REQUEST_FLOOR`] after the last
+    /// attempt, so that an annotation changed in a loop mints at most once per floor.
+    fn refresh_request_floor(&self) -> Option<Timestamp> {
+        let times = [&self.status.last_refresh_time, &self.status.last_failure_time];
+        let last = times.into_iter().flatten().map(|t| t.0).max()?;
+        let at = refresh::later(last, REFRESH_REQUEST_FLOOR);
+        (self.now < at).then_some(at)
     }
 
     fn generation_observed(&self) -> bool {
@@ -882,11 +901,15 @@ impl<'a> Reconciler<'a> {
     }
 
     /// The previous status with a new Ready condition and the fields every outcome sets.
+    /// The status every outcome writes. A refresh request pending when it is written has been
+    /// acted on (a mint, or why none could be made), so it is recorded as handled.
     fn base_status(&self, spec: &ValidSpec, ready: bool, reason: Reason, message: String) -> TokenRequestStatus {
+        let handled = self.tr.pending_refresh_request().map(String::from);
         TokenRequestStatus {
             conditions: vec![self.condition(ready, reason, message)],
             observed_generation: self.tr.metadata.generation,
             flow: Some(spec.flow.name().into()),
+            last_handled_refresh_request: handled.or_else(|| self.status.last_handled_refresh_request.clone()),
             ..self.status.clone()
         }
     }
