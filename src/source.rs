@@ -30,7 +30,8 @@ use crate::{
     singleflight::{Key, SingleFlight},
     status::Reason,
     validation::{
-        DEFAULT_RENEW_BEFORE_PERCENTAGE, Placement, Policy, RefreshPolicy, RenewBefore, Source, SubjectToken, validate,
+        DEFAULT_RENEW_BEFORE_PERCENTAGE, Flow, Placement, Policy, RefreshPolicy, RenewBefore, Source, SubjectToken,
+        validate,
     },
 };
 
@@ -130,6 +131,11 @@ pub enum SourceError {
     TokenRequestNotFound { name: String },
     #[error("TokenRequest {name:?} holds no valid token yet")]
     TokenRequestNotReady { name: String },
+    #[error(
+        "TokenRequest {name:?} holds a token of the {flow} flow, which is not a Google access token and \
+         authenticates no call to Google"
+    )]
+    TokenRequestNotAccessToken { name: String, flow: &'static str },
     #[error("{origin}: {source}")]
     File {
         origin: String,
@@ -194,6 +200,7 @@ impl SourceError {
                 | Self::NoSubjectToken { .. }
                 | Self::SubjectTokenUnused { .. }
                 | Self::NoAmbientIdToken
+                | Self::TokenRequestNotAccessToken { .. }
         )
     }
 
@@ -411,6 +418,12 @@ impl Sources<'_> {
             policy: self.policy,
         };
         let spec = validate(&upstream.spec, &at).map_err(|_| not_ready())?;
+        if matches!(spec.flow, Flow::IdToken(_) | Flow::DeveloperConnectRepository { .. }) {
+            return Err(SourceError::TokenRequestNotAccessToken {
+                name: name.into(),
+                flow: spec.flow.name(),
+            });
+        }
         let secret = self
             .managed_secrets
             .get(&ObjectRef::new(&spec.secret.name).within(self.namespace))

@@ -354,6 +354,21 @@ async fn id_tokens_verify_as_cloud_run_and_iap_would() {
     }
     assert_eq!(env.google.calls(Endpoint::MetadataIdentity), 1);
     assert_eq!(env.google.calls(Endpoint::GenerateIdToken), 3);
+
+    // An ID token authenticates no call to Google: it is no source for another flow.
+    env.create(
+        "downstream",
+        json!({"flow": {"impersonation": {"serviceAccount": INVOKER, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}},
+               "source": {"tokenRequest": {"name": "run"}}}),
+    )
+    .await;
+    let tr = env.wait_reason("downstream", "InvalidSpec").await;
+    let message = &ready_condition(&tr).unwrap().message;
+    assert!(
+        message.contains("idToken flow, which is not a Google access token"),
+        "{message}"
+    );
+    assert_eq!(env.google.calls(Endpoint::GenerateAccessToken), 0);
     env.assert_nothing_leaked(&[&caller]).await;
 }
 
