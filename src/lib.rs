@@ -15,6 +15,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod plugin;
 pub mod ratelimit;
 pub mod refresh;
 pub mod render;
