@@ -43,6 +43,8 @@ packages=()
 command -v flock >/dev/null || packages+=(util-linux)
 command -v git >/dev/null && [ -x "$(git --exec-path)/git-http-backend" ] || packages+=(git)
 command -v curl >/dev/null || packages+=(curl)
+# tests/alerts.rs checks and unit-tests the chart's alerts with Prometheus's own promtool.
+command -v promtool >/dev/null || packages+=(prometheus)
 if [ ${#packages[@]} -gt 0 ]; then
   log "installing ${packages[*]}"
   as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"

@@ -31,7 +31,7 @@ use kube::{
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, warn};
 
-use crate::{controller::FIELD_MANAGER, refresh::ErrorClass};
+use crate::{controller::FIELD_MANAGER, metrics::Metrics, refresh::ErrorClass};
 
 /// Shortest lease: below it a renewal has no time to be retried before the deadline.
 pub const MIN_DURATION: Duration = Duration::from_secs(2);
@@ -354,9 +354,11 @@ pub enum Outcome<T> {
 /// Waits for the lease, then runs `work` for as long as this replica leads. `shutdown` ends the
 /// wait of a standby; `work` is expected to handle the signal itself once started. `client`
 /// should not be throttled with the reconciles: a renewal queued behind them can miss its deadline.
+/// The `leader` gauge of `metrics` is 1 for exactly that time.
 pub async fn run_as_leader<T>(
     client: Client,
     settings: LeaseSettings,
+    metrics: &Metrics,
     shutdown: impl Future<Output = ()>,
     work: impl Future<Output = T>,
 ) -> Outcome<T> {
@@ -366,6 +368,7 @@ pub async fn run_as_leader<T>(
         return Outcome::ShutDown;
     }
     info!(identity = %lock.elector.identity, "acquired the lease; leading");
+    metrics.set_leader(true);
     // The work runs inside this future, so leaving the select stops all of it. The lease is
     // polled first, so a deadline that has passed wins over more work in the same wake-up.
     let outcome = tokio::select! {
@@ -376,6 +379,7 @@ pub async fn run_as_leader<T>(
         }
         result = work => Outcome::Finished(result),
     };
+    metrics.set_leader(false);
     if matches!(outcome, Outcome::Finished(_)) {
         lock.release().await;
     }

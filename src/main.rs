@@ -83,15 +83,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         refresh_spread: args.refresh_spread,
         instance,
     };
-    let reconcile = controller::run(client.clone(), google, metrics, settings, ready.clone());
+    let reconcile = controller::run(client.clone(), google, metrics.clone(), settings, ready.clone());
     let work = async {
         let Some((lease_client, lease)) = lease else {
+            // Without election this replica is the one that reconciles.
+            metrics.set_leader(true);
             reconcile.await;
             return Ok(());
         };
         // A standby is healthy and ready to take over; it reports ready so rollouts proceed.
         ready.store(true, Ordering::Relaxed);
-        match leader::run_as_leader(lease_client, lease, shutdown_signal(), reconcile).await {
+        match leader::run_as_leader(lease_client, lease, &metrics, shutdown_signal(), reconcile).await {
             Outcome::Finished(()) | Outcome::ShutDown => Ok(()),
             Outcome::Lost(loss) => {
                 anyhow::bail!("stopped leading ({loss}); exiting so that only the new leader writes")

@@ -50,6 +50,8 @@ pub struct Metrics {
     registry: Registry,
     token_expiry: Family<ObjectLabels, TimestampGauge>,
     next_refresh: Family<ObjectLabels, TimestampGauge>,
+    failed_attempts: Family<ObjectLabels, Gauge>,
+    leader: Gauge,
     refresh_attempts: Family<AttemptLabels, Counter>,
     google_latency: Family<GoogleCallLabels, Histogram>,
     rate_limit_wait: Family<EndpointLabels, Histogram>,
@@ -77,6 +79,19 @@ impl Default for Metrics {
             "next_refresh_timestamp_seconds",
             "When each TokenRequest's token is next refreshed or retried (Unix seconds)",
             next_refresh.clone(),
+        );
+        let failed_attempts = Family::<ObjectLabels, Gauge>::default();
+        registry.register(
+            "failed_attempts",
+            "Consecutive failed attempts to obtain each TokenRequest's token (0 after a success)",
+            failed_attempts.clone(),
+        );
+        // Always present, so that "no replica reconciles" is 0 everywhere rather than no series.
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica reconciles (holds the Lease, or leader election is off), else 0",
+            leader.clone(),
         );
         let refresh_attempts = Family::<AttemptLabels, Counter>::default();
         registry.register(
@@ -127,6 +142,8 @@ impl Default for Metrics {
             registry,
             token_expiry,
             next_refresh,
+            failed_attempts,
+            leader,
             refresh_attempts,
             google_latency,
             rate_limit_wait,
@@ -199,10 +216,19 @@ impl Metrics {
         self.next_refresh.get_or_create(object).set(next_refresh as f64);
     }
 
+    pub fn set_failed_attempts(&self, object: &ObjectLabels, attempts: u32) {
+        self.failed_attempts.get_or_create(object).set(attempts.into());
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(leading.into());
+    }
+
     /// Drops the series of a deleted TokenRequest so label cardinality follows the live objects.
     pub fn forget(&self, object: &ObjectLabels) {
         self.token_expiry.remove(object);
         self.next_refresh.remove(object);
+        self.failed_attempts.remove(object);
     }
 }
 
@@ -223,6 +249,8 @@ mod tests {
         m.observe_reconcile(Duration::from_millis(3));
         m.count_error("PermissionDenied");
         m.count_namespace_throttled("in_flight");
+        m.observe_rate_limit(Api::Sts, None);
+        m.set_failed_attempts(&obj, 3);
         let text = m.encode();
         for needle in [
             r#"gcp_token_operator_token_expiration_timestamp_seconds{namespace="ns",name="tr"} 1800000000.0"#,
@@ -232,10 +260,31 @@ mod tests {
             "gcp_token_operator_reconcile_duration_seconds_count 1",
             r#"gcp_token_operator_reconcile_errors_total{reason="PermissionDenied"} 1"#,
             r#"gcp_token_operator_namespace_throttled_total{limit="in_flight"} 1"#,
+            r#"gcp_token_operator_google_throttled_total{endpoint="sts"} 1"#,
+            r#"gcp_token_operator_failed_attempts{namespace="ns",name="tr"} 3"#,
+            "gcp_token_operator_leader 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
         m.forget(&obj);
         assert!(!m.encode().contains(r#"name="tr""#));
+    }
+
+    #[test]
+    fn failed_attempts_follow_the_status_and_leader_follows_the_lease() {
+        let m = Metrics::default();
+        let obj = ObjectLabels {
+            namespace: "ns".into(),
+            name: "tr".into(),
+        };
+        let failed = r#"gcp_token_operator_failed_attempts{namespace="ns",name="tr"} "#;
+        m.set_failed_attempts(&obj, 2);
+        assert!(m.encode().contains(&format!("{failed}2\n")));
+        m.set_failed_attempts(&obj, 0);
+        assert!(m.encode().contains(&format!("{failed}0\n")));
+        m.set_leader(true);
+        assert!(m.encode().contains("gcp_token_operator_leader 1\n"));
+        m.set_leader(false);
+        assert!(m.encode().contains("gcp_token_operator_leader 0\n"));
     }
 }

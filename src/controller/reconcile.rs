@@ -664,7 +664,7 @@ impl<'a> Reconciler<'a> {
         status.username = record.username.clone();
         status.failed_attempts = None;
         let restart_at = self.restart_rollouts(spec, record, &mut status).await;
-        self.set_schedule(Some(record.expires_at), refresh_at);
+        self.set_schedule(Some(record.expires_at), refresh_at, 0);
         self.write_status(status).await?;
         let wake = [Some(refresh_at), previous_expiry, restart_at]
             .into_iter()
@@ -817,7 +817,7 @@ impl<'a> Reconciler<'a> {
             status.token_fingerprint = None;
             status.username = None;
         }
-        self.set_schedule(valid_until, next_attempt);
+        self.set_schedule(valid_until, next_attempt, attempts);
         self.write_status(status).await?;
         // Come back at expiry too, so Ready turns False the moment the held token lapses.
         let wake = valid_until.filter(|u| *u < next_attempt).unwrap_or(next_attempt);
@@ -914,14 +914,20 @@ impl<'a> Reconciler<'a> {
         }
     }
 
-    fn set_schedule(&self, expires_at: Option<Timestamp>, next: Timestamp) {
-        let object = ObjectLabels {
+    fn object_labels(&self) -> ObjectLabels {
+        ObjectLabels {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
-        };
+        }
+    }
+
+    /// The metrics of what the status records: expiry, next attempt and failed attempts.
+    fn set_schedule(&self, expires_at: Option<Timestamp>, next: Timestamp, failed_attempts: u32) {
+        let object = self.object_labels();
         self.ctx
             .metrics
             .set_schedule(&object, expires_at.map(|t| t.as_second()), next.as_second());
+        self.ctx.metrics.set_failed_attempts(&object, failed_attempts);
     }
 
     /// Server-side applies the status, unless it is unchanged.
@@ -968,6 +974,7 @@ impl<'a> Reconciler<'a> {
         );
         self.publish(EventType::Warning, Reason::InternalError.as_str(), message.clone())
             .await;
+        self.ctx.metrics.set_failed_attempts(&self.object_labels(), attempts);
         let status = TokenRequestStatus {
             conditions: vec![self.condition(false, Reason::InternalError, message)],
             observed_generation: self.tr.metadata.generation,
