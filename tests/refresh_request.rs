@@ -115,3 +115,44 @@ async fn a_request_skips_the_backoff_of_failed_attempts_once() {
     assert_eq!(env.google.calls(Endpoint::GenerateAccessToken), 2);
     env.assert_no_token_leaked().await;
 }
+
+/// A replica that starts while a TokenRequest backs off exports its failed attempts and next
+/// attempt at once (what the chart's alerts read), not only after the next attempt.
+#[tokio::test]
+async fn a_restarted_operator_exports_the_backoff_it_finds() {
+    let mut env = Env::new("backoffmetrics").await;
+    env.prepare_impersonation(SA_EMAIL, Duration::from_secs(3600)).await;
+    env.google.fail_next(
+        Endpoint::GenerateAccessToken,
+        1,
+        Fault::Status {
+            code: 403,
+            retry_after: None,
+        },
+    );
+    env.start_operator();
+    env.create("tok", impersonation_from_caller(SA_EMAIL)).await;
+    env.wait_reason("tok", "PermissionDenied").await;
+    env.kill_operator();
+    env.start_operator();
+    let series = format!(
+        "gcp_token_operator_failed_attempts{{namespace=\"{}\",name=\"tok\"}} 1",
+        env.namespace
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Not listening yet is not an answer.
+        let body = match env.operator.as_ref().unwrap().get("/metrics").await {
+            Ok((_, body)) => body,
+            Err(e) => format!("/metrics: {e}"),
+        };
+        if body.contains(&series) && body.contains("gcp_token_operator_next_refresh_timestamp_seconds{") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {series} after the restart:\n{body}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Found in the backoff, not after another attempt.
+    assert_eq!(env.google.calls(Endpoint::GenerateAccessToken), 1);
+    env.assert_no_token_leaked().await;
+}

@@ -845,9 +845,11 @@ impl<'a> Reconciler<'a> {
             .await;
             self.write_status(status).await?;
         }
-        let valid_until = held
-            .map(|t| t.record.expires_at)
-            .filter(|e| *e > self.now && *e < next_attempt);
+        // A replica that just took over (or restarted) learns the schedule here first: the alerts
+        // read these series while the backoff lasts.
+        let unexpired = held.map(|t| t.record.expires_at).filter(|e| *e > self.now);
+        self.set_schedule(unexpired, next_attempt, self.status.failed_attempts.unwrap_or(0));
+        let valid_until = unexpired.filter(|e| *e < next_attempt);
         Ok(Action::requeue(refresh::delay_until(
             self.now,
             valid_until.unwrap_or(next_attempt),
