@@ -257,8 +257,11 @@ async fn refresh_by_selector_waits_for_each_and_a_reader_without_patch_is_told_w
     env.prepare_impersonation(SA_EMAIL, Duration::from_secs(3600)).await;
     env.start_operator();
     let ns = env.namespace.clone();
+    // One service account each: identical calls in flight would be made once for all of them.
     for name in ["a", "b", "c"] {
-        env.create(name, impersonation_from_caller(SA_EMAIL)).await;
+        let account = format!("{name}@proj.iam.gserviceaccount.com");
+        env.google.add_service_account(&account, &["*"]);
+        env.create(name, impersonation_from_caller(&account)).await;
     }
     for name in ["a", "b", "c"] {
         env.wait_ready(name).await;
