@@ -233,13 +233,12 @@ impl Format {
     /// token from one key of its own. Files hold one credential per host, image pulls and
     /// templates read the current token only.
     pub fn previous_key(&self) -> Option<String> {
-        match self {
-            Self::Opaque { .. } | Self::BasicAuth { .. } | Self::Flux { .. } | Self::ArgoCd(_) => {
-                match self.carrier() {
-                    Carrier::Key(key) => Some(previous_token_key(&key)),
-                    _ => None,
-                }
-            }
+        let one_key = matches!(
+            self,
+            Self::Opaque { .. } | Self::BasicAuth { .. } | Self::Flux { .. } | Self::ArgoCd(_)
+        );
+        match self.carrier() {
+            Carrier::Key(key) if one_key => Some(previous_token_key(&key)),
             _ => None,
         }
     }

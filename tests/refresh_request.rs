@@ -36,6 +36,22 @@ async fn handled(env: &Env<'_>, value: &str) -> gcp_token_operator::crd::TokenRe
     .await
 }
 
+/// The operator running, and TokenRequest `tok` whose first mint Google refuses for good (403):
+/// its retry is a permanent failure's backoff away.
+async fn start_refused(env: &mut Env<'_>) {
+    env.prepare_impersonation(SA_EMAIL, Duration::from_secs(3600)).await;
+    env.google.fail_next(
+        Endpoint::GenerateAccessToken,
+        1,
+        Fault::Status {
+            code: 403,
+            retry_after: None,
+        },
+    );
+    env.start_operator();
+    env.create("tok", impersonation_from_caller(SA_EMAIL)).await;
+}
+
 #[tokio::test]
 async fn each_distinct_request_mints_once_and_a_repeated_one_nothing() {
     let mut env = Env::new("refreshreq").await;
@@ -84,18 +100,7 @@ async fn each_distinct_request_mints_once_and_a_repeated_one_nothing() {
 #[tokio::test]
 async fn a_request_skips_the_backoff_of_failed_attempts_once() {
     let mut env = Env::new("refreshbackoff").await;
-    env.prepare_impersonation(SA_EMAIL, Duration::from_secs(3600)).await;
-    // A permanent refusal: the retry is minutes away.
-    env.google.fail_next(
-        Endpoint::GenerateAccessToken,
-        1,
-        Fault::Status {
-            code: 403,
-            retry_after: None,
-        },
-    );
-    env.start_operator();
-    env.create("tok", impersonation_from_caller(SA_EMAIL)).await;
+    start_refused(&mut env).await;
     let failed = env.wait_reason("tok", "PermissionDenied").await;
     let next = failed.status.as_ref().unwrap().next_refresh_time.clone().unwrap().0;
     let waits = next.duration_since(k8s_openapi::jiff::Timestamp::now());
@@ -121,17 +126,7 @@ async fn a_request_skips_the_backoff_of_failed_attempts_once() {
 #[tokio::test]
 async fn a_restarted_operator_exports_the_backoff_it_finds() {
     let mut env = Env::new("backoffmetrics").await;
-    env.prepare_impersonation(SA_EMAIL, Duration::from_secs(3600)).await;
-    env.google.fail_next(
-        Endpoint::GenerateAccessToken,
-        1,
-        Fault::Status {
-            code: 403,
-            retry_after: None,
-        },
-    );
-    env.start_operator();
-    env.create("tok", impersonation_from_caller(SA_EMAIL)).await;
+    start_refused(&mut env).await;
     env.wait_reason("tok", "PermissionDenied").await;
     env.kill_operator();
     env.start_operator();
