@@ -154,6 +154,10 @@ pub struct RunArgs {
     /// The operator's own ServiceAccount, NAMESPACE/NAME: never a source for a TokenRequest.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_SERVICE_ACCOUNT")]
     pub operator_service_account: Option<ServiceAccountRef>,
+    /// Let TokenRequests attach their pull Secret to ServiceAccounts of their namespace
+    /// (`spec.secret.attachToServiceAccounts`); needs `get` and `patch` on serviceaccounts.
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_SERVICE_ACCOUNT_ATTACHMENT")]
+    pub service_account_attachment: bool,
 }
 
 impl Cli {
@@ -235,6 +239,7 @@ impl RunArgs {
         Policy {
             ambient_namespaces: self.ambient_namespaces.iter().cloned().collect(),
             own_service_account: self.operator_service_account.clone(),
+            service_account_attachment: self.service_account_attachment,
         }
     }
 

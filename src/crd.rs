@@ -72,6 +72,8 @@ pub mod bound {
     pub const CREDENTIAL_HOSTS: u32 = 16;
     /// A URL of a repository, a registry or a prefix of them.
     pub const URL: u32 = 512;
+    /// ServiceAccounts one pull Secret is attached to: a namespace's build and runtime accounts.
+    pub const ATTACHED_SERVICE_ACCOUNTS: u32 = 16;
     /// An Argo CD project or repository name.
     pub const ARGO_NAME: u32 = 253;
     /// An npm scope (`@team`).
@@ -667,6 +669,13 @@ pub struct SecretSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(transform = BoundedMap { entries: bound::METADATA_ENTRIES, key: bound::METADATA_KEY, value: bound::ANNOTATION_VALUE })]
     pub annotations: BTreeMap<String, String>,
+    /// dockerconfigjson only: ServiceAccounts of this namespace whose `imagePullSecrets` list this
+    /// Secret, so that every Pod running as them pulls with it. The operator adds its own entry
+    /// and removes it when the list changes or the TokenRequest is deleted; other entries stay.
+    /// The operator's administrator must allow it (Helm value `serviceAccountAttachment.enabled`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::ATTACHED_SERVICE_ACCOUNTS), inner(length(max = bound::OBJECT_NAME)))]
+    pub attach_to_service_accounts: Vec<String>,
 }
 
 /// A consumer's Secret format. Exactly one member must be set. Each takes a `username` where its
@@ -936,7 +945,26 @@ pub struct TokenRequestStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = bound::ANNOTATION_VALUE))]
     pub last_handled_refresh_request: Option<String>,
+    /// The ServiceAccounts whose `imagePullSecrets` hold an entry the operator put there (or
+    /// found there), removed again when no longer wanted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = bound::ATTACHED_SERVICE_ACCOUNTS))]
+    pub attached_service_accounts: Vec<ServiceAccountAttachment>,
 }
+
+/// An `imagePullSecrets` entry naming `secret` in the ServiceAccount `serviceAccount`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountAttachment {
+    #[schemars(length(max = bound::OBJECT_NAME))]
+    pub service_account: String,
+    #[schemars(length(max = bound::OBJECT_NAME))]
+    pub secret: String,
+}
+
+/// Held by a TokenRequest while ServiceAccounts list its Secret: deleting it first removes
+/// those entries, which its Secret's ownerReference alone would leave dangling.
+pub const ATTACHMENT_FINALIZER: &str = "gcptoken.dev/service-account-attachments";
 
 /// Set to any new value to have the token refreshed at once (as Flux's
 /// `reconcile.fluxcd.io/requestedAt`); the value handled is kept in

@@ -3,6 +3,7 @@
 //! The domain lives here (CRD types, validation, refresh policy, Secret rendering, Google calls,
 //! the reconciler); `main.rs` only parses flags and wires things together.
 
+pub mod attachment;
 pub mod cli;
 pub mod controller;
 pub mod crd;

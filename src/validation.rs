@@ -13,7 +13,7 @@ mod secret;
 
 use crate::{
     crd::{
-        AccessBoundary, RefreshSpec, RepositoryAccess, SecretFormat, ServiceAccountTokenSource, SourceSpec,
+        AccessBoundary, RefreshSpec, RepositoryAccess, SecretFormat, SecretSpec, ServiceAccountTokenSource, SourceSpec,
         SubjectTokenSource, SubjectTokenType, TokenRequestSpec, WorkloadKind,
     },
     formats::Format,
@@ -51,6 +51,8 @@ pub struct ValidSpec {
     pub secret: SecretLayout,
     pub refresh: RefreshPolicy,
     pub rollout: RolloutPlan,
+    /// ServiceAccounts of the namespace whose `imagePullSecrets` list the Secret.
+    pub attach_to: Vec<String>,
     /// Hash of what determines the token (flow and source): a Secret written under another hash
     /// holds a token the current spec did not produce.
     pub token_hash: String,
@@ -228,7 +230,13 @@ pub struct Policy {
     pub ambient_namespaces: BTreeSet<String>,
     /// The operator's own ServiceAccount, which is never a source.
     pub own_service_account: Option<ServiceAccountRef>,
+    /// Whether `spec.secret.attachToServiceAccounts` may be used (the operator may patch
+    /// ServiceAccounts).
+    pub service_account_attachment: bool,
 }
+
+/// The setting that allows `spec.secret.attachToServiceAccounts`, as InvalidSpec messages name it.
+pub const ATTACHMENT_SETTING: &str = "--service-account-attachment (Helm value serviceAccountAttachment.enabled)";
 
 /// The setting that allows `source.ambient`, as InvalidSpec messages name it.
 pub const AMBIENT_SETTING: &str = "--ambient-namespace (GCP_TOKEN_OPERATOR_AMBIENT_NAMESPACES)";
@@ -337,6 +345,7 @@ pub fn validate(spec: &TokenRequestSpec, at: &Placement<'_>) -> Result<ValidSpec
     }
     let refresh = validate_refresh(&spec.refresh, &mut p);
     let rollout = validate_rollout(spec, &mut p);
+    let attach_to = validate_attachments(&spec.secret, &secret.format, at.policy, &mut p);
     match (flow, source) {
         (Some(flow), Some(source)) if p.0.is_empty() => {
             let token_hash = hash_of(&(&flow, &source));
@@ -346,6 +355,7 @@ pub fn validate(spec: &TokenRequestSpec, at: &Placement<'_>) -> Result<ValidSpec
                 secret,
                 refresh,
                 rollout,
+                attach_to,
                 token_hash,
             })
         }
@@ -825,6 +835,32 @@ fn validate_rollout(spec: &TokenRequestSpec, p: &mut Problems) -> RolloutPlan {
         })
         .unwrap_or(DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL);
     RolloutPlan { targets, min_interval }
+}
+
+fn validate_attachments(spec: &SecretSpec, format: &Format, policy: &Policy, p: &mut Problems) -> Vec<String> {
+    let names = &spec.attach_to_service_accounts;
+    if names.is_empty() {
+        return Vec::new();
+    }
+    const AT: &str = "spec.secret.attachToServiceAccounts";
+    p.check(policy.service_account_attachment, || {
+        format!(
+            "{AT}: this operator does not patch ServiceAccounts; its administrator enables it with {ATTACHMENT_SETTING}"
+        )
+    });
+    // Only a registry credential means anything in `imagePullSecrets`.
+    p.check(matches!(format, Format::DockerConfigJson { .. }), || {
+        format!("{AT} needs spec.secret.type kubernetes.io/dockerconfigjson (and no spec.secret.format)")
+    });
+    let mut accounts: Vec<String> = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        check_name(name, &format!("{AT}[{i}]"), p);
+        p.check(!accounts.contains(name), || {
+            format!("{AT}[{i}]: {name:?} is named twice")
+        });
+        accounts.push(name.clone());
+    }
+    accounts
 }
 
 fn validate_access_boundary(boundary: &AccessBoundary, p: &mut Problems) {
@@ -1773,6 +1809,54 @@ mod tests {
                 audience: None,
                 expiration_seconds: 3600
             })
+        );
+    }
+
+    #[test]
+    fn attachment_needs_the_setting_a_pull_secret_and_distinct_names() {
+        let spec = |secret: serde_json::Value| {
+            from_json(serde_json::json!({
+                "flow": {"impersonation": {"serviceAccount": "sa@p.iam.gserviceaccount.com", "scopes": [CLOUD_PLATFORM_SCOPE]}},
+                "source": {"secret": {"name": "key", "key": "key.json"}},
+                "secret": secret,
+            }))
+        };
+        let enabled = Policy {
+            service_account_attachment: true,
+            ..Default::default()
+        };
+        let pull = spec(
+            serde_json::json!({"type": "kubernetes.io/dockerconfigjson", "registries": ["europe-docker.pkg.dev"],
+                                           "attachToServiceAccounts": ["default", "builder"]}),
+        );
+        assert_eq!(check_with(&pull, &enabled).unwrap().attach_to, ["default", "builder"]);
+        let p = problems(&pull);
+        assert!(p.len() == 1 && p[0].contains(ATTACHMENT_SETTING), "{p:?}");
+
+        let opaque = spec(serde_json::json!({"attachToServiceAccounts": ["default"]}));
+        let p = problems_with(&opaque, &enabled);
+        assert!(p.len() == 1 && p[0].contains("kubernetes.io/dockerconfigjson"), "{p:?}");
+        let formatted = spec(serde_json::json!({"format": {"netrc": {"hosts": ["h.example"]}},
+                                                "attachToServiceAccounts": ["default"]}));
+        assert!(
+            problems_with(&formatted, &enabled)
+                .iter()
+                .any(|p| p.contains("attachToServiceAccounts"))
+        );
+
+        let twice = spec(
+            serde_json::json!({"type": "kubernetes.io/dockerconfigjson", "registries": ["europe-docker.pkg.dev"],
+                                            "attachToServiceAccounts": ["a", "Not_A_Name", "a"]}),
+        );
+        let p = problems_with(&twice, &enabled);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("spec.secret.attachToServiceAccounts[1]: \"Not_A_Name\" is not a valid object name"));
+        assert!(p[1].ends_with("[2]: \"a\" is named twice"));
+        assert!(
+            check_with(&spec(serde_json::json!({})), &Policy::default())
+                .unwrap()
+                .attach_to
+                .is_empty()
         );
     }
 

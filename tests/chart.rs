@@ -26,7 +26,7 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         coordination::v1::Lease,
-        core::v1::{Event, Namespace, Secret},
+        core::v1::{Event, Namespace, Secret, ServiceAccount},
         networking::v1::NetworkPolicy,
         rbac::v1::ClusterRole,
     },
@@ -57,6 +57,10 @@ const REVIEWED_RULES: &[(&str, &str, &[&str])] = &[
     ("apps", "deployments", &["patch"]),
     ("apps", "statefulsets", &["patch"]),
     ("apps", "daemonsets", &["patch"]),
+    // `spec.secret.attachToServiceAccounts` (the examples' installs enable
+    // `serviceAccountAttachment.enabled`): the entries, and the finalizer that removes them.
+    ("", "serviceaccounts", &["get", "patch"]),
+    ("gcptoken.dev", "tokenrequests", &["patch"]),
 ];
 /// The leader-election Role, in the release namespace only.
 const REVIEWED_LEASE_RULES: &[(&str, &str, &[&str])] = &[(
@@ -675,6 +679,7 @@ async fn namespaced_rbac_is_enough_for_every_flow_and_confines_the_operator() {
 /// chart's way of passing `examples::operator_args`), and returns the rendered objects.
 async fn install_for_examples(env: &Env<'_>, release: &str, mut values: Value) -> Vec<Value> {
     values["ambientNamespaces"] = json!([env.namespace]);
+    values["serviceAccountAttachment"] = json!({"enabled": true});
     let google = env.google.base_url();
     values["google"] = json!({
         "stsEndpoint": google, "iamCredentialsEndpoint": google, "developerConnectEndpoint": google,
@@ -848,6 +853,45 @@ async fn reconcile_every_example(env: &Env<'_>, operator: &ChartOperator) {
             "no Event about {name}"
         );
     }
+    // The attached example's entries are on its ServiceAccounts (get and patch on them), and go
+    // with its TokenRequest (patch on TokenRequests, for the finalizer).
+    let attached = examples
+        .iter()
+        .find(|tr| !tr.spec.secret.attach_to_service_accounts.is_empty())
+        .expect("an example attaching its Secret to ServiceAccounts")
+        .name_any();
+    let entries = env
+        .wait_tr(&attached, "its ServiceAccount attachments", |tr| {
+            tr.status
+                .as_ref()
+                .is_some_and(|s| !s.attached_service_accounts.is_empty())
+        })
+        .await
+        .status
+        .unwrap()
+        .attached_service_accounts;
+    let accounts: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.namespace);
+    let pull_secrets = |account: ServiceAccount| -> Vec<String> {
+        account
+            .image_pull_secrets
+            .into_iter()
+            .flatten()
+            .map(|r| r.name)
+            .collect()
+    };
+    for entry in &entries {
+        let listed = pull_secrets(accounts.get(&entry.service_account).await.unwrap());
+        assert!(listed.contains(&entry.secret), "{entry:?} not in {listed:?}");
+    }
+    env.delete(&attached).await;
+    wait_for_deletion(&env.token_requests(), &attached, WAIT, &log)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for entry in &entries {
+        let listed = pull_secrets(accounts.get(&entry.service_account).await.unwrap());
+        assert!(!listed.contains(&entry.secret), "{entry:?} still in {listed:?}");
+    }
+
     // This replica leads, on the Lease the chart gives it rights to.
     let (lease_namespace, lease_name) = &operator.lease;
     let lease = Api::<Lease>::namespaced(env.client.clone(), lease_namespace)

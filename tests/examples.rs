@@ -69,11 +69,25 @@ fn every_flow_and_source_kind_has_an_example() {
             "no {flow} + {source} example"
         );
     }
-    let image_pulls = examples.iter().filter(|tr| {
-        let secret = serde_json::to_value(&tr.spec.secret).unwrap();
-        secret["type"] == "kubernetes.io/dockerconfigjson"
-    });
-    assert_eq!(image_pulls.count(), 1, "one dockerconfigjson example");
+    let image_pulls: Vec<_> = examples
+        .iter()
+        .filter(|tr| {
+            let secret = serde_json::to_value(&tr.spec.secret).unwrap();
+            secret["type"] == "kubernetes.io/dockerconfigjson"
+        })
+        .collect();
+    assert!(
+        image_pulls
+            .iter()
+            .any(|tr| tr.spec.secret.attach_to_service_accounts.is_empty()),
+        "a dockerconfigjson example that Pods name in imagePullSecrets"
+    );
+    assert!(
+        image_pulls
+            .iter()
+            .any(|tr| !tr.spec.secret.attach_to_service_accounts.is_empty()),
+        "a dockerconfigjson example attached to ServiceAccounts"
+    );
     let formats: BTreeSet<String> = examples
         .iter()
         .filter_map(|tr| tr.spec.secret.format.as_ref().map(chosen))

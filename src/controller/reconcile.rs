@@ -1,6 +1,8 @@
 //! One reconcile of one TokenRequest: decide whether the held token is good, mint a new one when
 //! it is not, write the Secret and the status.
 
+mod attachments;
+
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
 use futures::FutureExt;
@@ -48,6 +50,8 @@ pub const REFRESH_REQUEST_FLOOR: std::time::Duration = std::time::Duration::from
 pub enum Error {
     #[error("writing the status failed: {0}")]
     PatchStatus(#[source] kube::Error),
+    #[error("updating the TokenRequest's finalizer failed: {0}")]
+    PatchFinalizer(#[source] kube::Error),
     #[error("reading Secret {name:?} failed: {source}")]
     ReadSecret {
         name: String,
@@ -60,6 +64,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::PatchStatus(_) => "PatchStatus",
+            Self::PatchFinalizer(_) => "PatchFinalizer",
             Self::ReadSecret { .. } => "ReadSecret",
         }
     }
@@ -208,6 +213,10 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn run(self) -> Result<Action, Error> {
+        // Only a TokenRequest holding the operator's finalizer is still here once deleted.
+        if self.tr.metadata.deletion_timestamp.is_some() {
+            return self.finalize().await;
+        }
         let at = Placement {
             namespace: &self.namespace,
             name: &self.name,
@@ -664,9 +673,12 @@ impl<'a> Reconciler<'a> {
         status.username = record.username.clone();
         status.failed_attempts = None;
         let restart_at = self.restart_rollouts(spec, record, &mut status).await;
+        // A new token or a new spec: check the entries are still there, someone may have edited them.
+        let verify = !self.generation_observed() || self.status.token_fingerprint != status.token_fingerprint;
+        let attach_at = self.attach_to_service_accounts(spec, verify, &mut status).await?;
         self.set_schedule(Some(record.expires_at), refresh_at, 0);
         self.write_status(status).await?;
-        let wake = [Some(refresh_at), previous_expiry, restart_at]
+        let wake = [Some(refresh_at), previous_expiry, restart_at, attach_at]
             .into_iter()
             .flatten()
             .min();

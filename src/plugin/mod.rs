@@ -325,6 +325,35 @@ async fn status(client: &Client, namespace: &str, name: &str, out: &mut String) 
     }
     let _ = writeln!(out, "Fingerprint:      {}", dash(status.token_fingerprint.as_deref()));
     let _ = writeln!(out, "Username:         {}", dash(status.username.as_deref()));
+    let wanted = &tr.spec.secret.attach_to_service_accounts;
+    if !wanted.is_empty() || !status.attached_service_accounts.is_empty() {
+        let attached: Vec<&str> = status
+            .attached_service_accounts
+            .iter()
+            .map(|a| a.service_account.as_str())
+            .collect();
+        let pending: Vec<&str> = wanted
+            .iter()
+            .map(String::as_str)
+            .filter(|w| !attached.contains(w))
+            .collect();
+        let _ = writeln!(
+            out,
+            "Attached to:      {}",
+            if attached.is_empty() {
+                "-".into()
+            } else {
+                attached.join(", ")
+            }
+        );
+        if !pending.is_empty() {
+            let _ = writeln!(
+                out,
+                "  Not yet:        {} (see the AttachFailed Events)",
+                pending.join(", ")
+            );
+        }
+    }
     if let Some(handled) = &status.last_handled_refresh_request {
         let _ = writeln!(out, "Last refresh request handled: {handled}");
     }

@@ -76,9 +76,10 @@ pub fn register(google: &GoogleEmulator, namespace: &str) {
 }
 
 /// The operator flags the examples need in `namespace` besides the Google endpoints: the ambient
-/// example may use the operator's own identity there.
-pub fn operator_args(namespace: &str) -> [&str; 2] {
-    ["--ambient-namespace", namespace]
+/// example may use the operator's own identity there, and the attached pull Secret may patch the
+/// `default` ServiceAccount.
+pub fn operator_args(namespace: &str) -> [&str; 3] {
+    ["--ambient-namespace", namespace, "--service-account-attachment"]
 }
 
 /// The example manifests, in name order.

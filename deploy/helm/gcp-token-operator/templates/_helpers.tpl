@@ -106,4 +106,15 @@ is a call the operator makes (tests/chart.rs holds the reviewed list).
   resources: [deployments, statefulsets, daemonsets]
   verbs: [patch]
 {{- end }}
+{{- if .Values.serviceAccountAttachment.enabled }}
+# `spec.secret.attachToServiceAccounts`: JSON patches add and remove the operator's one
+# `imagePullSecrets` entry, computed from the ServiceAccount as read...
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, patch]
+# ...and a finalizer, applied to the TokenRequests that attach, removes them before it goes.
+- apiGroups: [gcptoken.dev]
+  resources: [tokenrequests]
+  verbs: [patch]
+{{- end }}
 {{- end }}
