@@ -111,7 +111,7 @@ impl ApiError {
     fn shaped(endpoint: Endpoint, status: StatusCode, message: impl Into<String>) -> Self {
         match endpoint {
             Endpoint::Sts | Endpoint::OAuthToken => Self::oauth(status, oauth_code(status), message),
-            Endpoint::Metadata | Endpoint::MetadataIdentity => Self::plain(status, message),
+            Endpoint::Metadata | Endpoint::MetadataIdentity | Endpoint::MetadataValue => Self::plain(status, message),
             Endpoint::GenerateAccessToken
             | Endpoint::GenerateIdToken
             | Endpoint::FetchAccessToken

@@ -24,7 +24,7 @@ pub enum Fault {
     /// `200 OK` with a token but `expirationTime: ""`.
     EmptyExpiration,
     /// `200 OK` with an empty token (an empty body from the metadata server's `identity`); not at
-    /// `tokeninfo` and `certs`, which return no token.
+    /// `tokeninfo`, `certs` and the metadata server's other values, which return no token.
     EmptyToken,
     /// `307 Temporary Redirect` to `location`, as a misconfigured proxy or an attacker on the
     /// path would answer: a client that follows it re-sends the request, body and all.
@@ -90,7 +90,10 @@ impl Fault {
                 endpoint,
                 Endpoint::FetchAccessToken | Endpoint::FetchReadToken | Endpoint::FetchReadWriteToken
             ),
-            Fault::EmptyToken => !matches!(endpoint, Endpoint::TokenInfo | Endpoint::Certs),
+            Fault::EmptyToken => !matches!(
+                endpoint,
+                Endpoint::TokenInfo | Endpoint::Certs | Endpoint::MetadataValue
+            ),
         }
     }
 
@@ -153,5 +156,6 @@ mod tests {
         }
         assert!(!Fault::EmptyToken.applies_to(Endpoint::Certs));
         assert!(!Fault::EmptyToken.applies_to(Endpoint::TokenInfo));
+        assert!(!Fault::EmptyToken.applies_to(Endpoint::MetadataValue));
     }
 }

@@ -11,7 +11,10 @@
 //! One HTTP server answers all of them under Google's own paths and wire formats, so a client
 //! under test only swaps `https://sts.googleapis.com` (and the other hosts) for
 //! [`GoogleEmulator::base_url`]. Tests configure identities, script faults and latency, and read
-//! back every request and every token issued.
+//! back every request and every token issued. The same routes and state are also served over
+//! HTTPS ([`GoogleEmulator::serve_https`]) and, for unmodified programs that cannot swap hosts,
+//! behind an HTTP proxy that intercepts Google's hosts
+//! ([`GoogleEmulator::start_intercepting_proxy`]).
 
 mod call;
 mod connectors;
@@ -21,10 +24,12 @@ mod iam;
 mod id_tokens;
 mod metadata;
 mod oauth;
+mod proxy;
 mod repositories;
 mod server;
 mod state;
 mod sts;
+mod tls;
 mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -35,16 +40,20 @@ use axum::http::{HeaderValue, StatusCode};
 use jsonwebtoken::DecodingKey;
 use k8s_openapi::jiff::SignedDuration;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 pub use faults::Fault;
 use id_tokens::IdTokenSigner;
+pub use proxy::InterceptingProxy;
 use state::{AuthorizedUser, GitRepositoryLink, ServiceAccountKey, Shared};
+pub use tls::HttpsEndpoint;
 
-/// A running emulator. Dropping it shuts the server down.
+/// A running emulator. Dropping it shuts its servers down (HTTP, and any HTTPS listener or proxy).
 pub struct GoogleEmulator {
     shared: Arc<Shared>,
-    shutdown: Arc<Notify>,
+    /// The address it listens on, port aside: its other listeners bind there too.
+    ip: IpAddr,
+    shutdown: CancellationToken,
 }
 
 /// The emulated APIs, for configuration and observation.
@@ -74,6 +83,10 @@ pub enum Endpoint {
     Metadata,
     /// Metadata server `GET /computeMetadata/v1/instance/service-accounts/{default|email}/identity`.
     MetadataIdentity,
+    /// The metadata server's other values that Google's client libraries read: the service
+    /// account's `email`, `scopes` and directory (`?recursive=true`), `project/project-id`,
+    /// `project/numeric-project-id`, `universe/universe-domain`, and `GET /` (detection probes).
+    MetadataValue,
 }
 
 /// One request as the emulator received it.
@@ -121,18 +134,12 @@ impl GoogleEmulator {
             .map_err(std::io::Error::other)?
             .map_err(std::io::Error::other)?;
         let listener = TcpListener::bind(addr).await?;
-        let mut local = listener.local_addr()?;
-        // A wildcard bind (the demo listens for pods too) is still reached via loopback locally.
-        if local.ip().is_unspecified() {
-            local.set_ip(match local.ip() {
-                IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-                IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        let shared = Arc::new(Shared::new(format!("http://{local}"), id_tokens));
-        let shutdown = Arc::new(Notify::new());
-        server::spawn(listener, Arc::clone(&shared), Arc::clone(&shutdown));
-        Ok(GoogleEmulator { shared, shutdown })
+        let local = listener.local_addr()?;
+        let ip = local.ip();
+        let shared = Arc::new(Shared::new(format!("http://{}", reachable(local)), id_tokens));
+        let shutdown = CancellationToken::new();
+        server::spawn(listener, server::router(Arc::clone(&shared)), None, shutdown.clone());
+        Ok(GoogleEmulator { shared, ip, shutdown })
     }
 
     /// `http://127.0.0.1:PORT`, without a trailing slash.
@@ -194,6 +201,12 @@ impl GoogleEmulator {
     /// Sets the metadata server's identity; its access and ID tokens are for `serviceAccount:EMAIL`.
     pub fn set_metadata_service_account(&self, email: &str) {
         self.shared.state().metadata_account = Some(email.to_owned());
+    }
+
+    /// Sets the metadata server's project (`project/project-id` and `project/numeric-project-id`);
+    /// until then it has none, and those values are not found.
+    pub fn set_metadata_project(&self, project_id: &str, project_number: u64) {
+        self.shared.state().metadata_project = Some((project_id.to_owned(), project_number));
     }
 
     /// Registers a Developer Connect account connector, `projects/P/locations/L/accountConnectors/C`.
@@ -319,9 +332,20 @@ impl GoogleEmulator {
     }
 }
 
+/// Where a local client reaches a listener bound to `addr`: a wildcard bind (the demo listens for
+/// pods too) is still reached via loopback.
+fn reachable(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
+}
+
 impl Drop for GoogleEmulator {
     fn drop(&mut self) {
-        // `notify_one` keeps a permit, so this works even before the server first polls.
-        self.shutdown.notify_one();
+        self.shutdown.cancel();
     }
 }

@@ -83,10 +83,12 @@ fn jwt_bearer(call: &Call, assertion: Option<&str>) -> Result<(String, Vec<Strin
         claims.claims
     };
 
-    // The emulator also answers to its own URL, as seen by the client or configured.
+    // The emulator also answers to its own URL, as seen by the client (over HTTP or HTTPS) or configured.
+    let host = call.header(header::HOST);
     let own_uris = [
         Some(format!("{}/token", call.shared.base_url)),
-        call.header(header::HOST).map(|host| format!("http://{host}/token")),
+        host.map(|host| format!("http://{host}/token")),
+        host.map(|host| format!("https://{host}/token")),
     ];
     if claims.aud != GOOGLE_TOKEN_URI && !own_uris.contains(&Some(claims.aud.clone())) {
         return Err(ApiError::invalid_grant(format!(

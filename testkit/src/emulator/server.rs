@@ -1,24 +1,25 @@
-//! The HTTP side: one listener for every API, routing by Google's paths, and the steps every
+//! The HTTP side: one router for every API, routing by Google's paths, and the steps every
 //! request goes through (record, wait the scripted latency, apply the scripted fault, answer).
+//! The same router serves every listener: plain HTTP, HTTPS and the intercepting proxy.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::serve::{IncomingStream, Listener};
+use axum::{Extension, Router};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use super::call::Call;
 use super::errors::ApiError;
@@ -29,16 +30,67 @@ use super::{Endpoint, RecordedRequest, connectors, iam, id_tokens, metadata, oau
 /// Large enough for STS `options`, which Google allows up to 4 MiB.
 const MAX_BODY: usize = 8 << 20;
 
-/// Serves until `shutdown` is notified, then lets open connections finish.
-pub(super) fn spawn(listener: TcpListener, shared: Arc<Shared>, shutdown: Arc<Notify>) {
-    let app = Router::new()
-        .fallback(dispatch)
-        .with_state(shared)
-        .into_make_service_with_connect_info::<ConnectionHandle>();
-    let server =
-        axum::serve(DroppableListener(listener), app).with_graceful_shutdown(async move { shutdown.notified().await });
-    // `serve` only returns once shut down; there is nobody left to tell about an error then.
-    tokio::spawn(async move { server.await.ok() });
+/// A client that opens a connection and never finishes its TLS handshake must not hold a task forever.
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The emulated APIs as one service.
+pub(super) fn router(shared: Arc<Shared>) -> Router {
+    Router::new().fallback(dispatch).with_state(shared)
+}
+
+/// Serves `app` on every connection `listener` accepts, over TLS if `tls` is given, until
+/// `shutdown` is cancelled; open connections then finish the request in flight.
+pub(super) fn spawn(listener: TcpListener, app: Router, tls: Option<TlsAcceptor>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    // Usually out of file descriptors: back off instead of spinning, as axum does.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                match tls {
+                    None => serve_connection(stream, app, shutdown).await,
+                    Some(tls) => {
+                        // A failed handshake is the client's to report; the emulator has nothing to answer.
+                        if let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                            serve_connection(stream, app, shutdown).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Serves HTTP/1.1 requests on one connection (plain, TLS, or tunnelled through the proxy) with
+/// `app` until the client closes it or `shutdown` is cancelled.
+pub(super) async fn serve_connection<S>(stream: S, app: Router, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stream = DroppableStream::new(stream);
+    let app = app.layer(Extension(stream.handle()));
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+        // For the proxy's CONNECT tunnels; the emulator's own routes never upgrade.
+        .with_upgrades();
+    tokio::pin!(connection);
+    // Errors are the client's (it hung up, or sent garbage): there is nobody to tell.
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await.ok();
+        }
+    }
 }
 
 /// Google's resource paths, with the path parameters each API needs.
@@ -54,6 +106,7 @@ enum Route {
     Certs,
     Metadata { account: String },
     MetadataIdentity { account: String },
+    MetadataValue(metadata::Value),
 }
 
 /// Google's path templates (from the APIs' HTTP rules) for the routes with path parameters.
@@ -76,7 +129,8 @@ impl Route {
             Method::GET if path == "/oauth2/v3/certs" => Route::Certs,
             Method::GET => captures(path, METADATA_TOKEN)
                 .map(|[account]| Route::Metadata { account })
-                .or_else(|| captures(path, METADATA_IDENTITY).map(|[account]| Route::MetadataIdentity { account }))?,
+                .or_else(|| captures(path, METADATA_IDENTITY).map(|[account]| Route::MetadataIdentity { account }))
+                .or_else(|| metadata::Value::parse(path).map(Route::MetadataValue))?,
             Method::POST => captures(path, GENERATE_ACCESS_TOKEN)
                 .map(|[project, account]| Route::GenerateAccessToken { project, account })
                 .or_else(|| {
@@ -119,6 +173,7 @@ impl Route {
             Route::Certs => Endpoint::Certs,
             Route::Metadata { .. } => Endpoint::Metadata,
             Route::MetadataIdentity { .. } => Endpoint::MetadataIdentity,
+            Route::MetadataValue(_) => Endpoint::MetadataValue,
         }
     }
 
@@ -135,13 +190,14 @@ impl Route {
             Route::Certs => id_tokens::certs(call),
             Route::Metadata { account } => metadata::token(call, account),
             Route::MetadataIdentity { account } => metadata::identity_token(call, account),
+            Route::MetadataValue(value) => metadata::value(call, value),
         }
     }
 }
 
 async fn dispatch(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(connection): ConnectInfo<ConnectionHandle>,
+    Extension(connection): Extension<ConnectionHandle>,
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
@@ -218,7 +274,10 @@ fn finish(shared: &Shared, endpoint: Endpoint, mut response: Response) -> Respon
     if let Ok(date) = HeaderValue::try_from(date) {
         response.headers_mut().insert(header::DATE, date);
     }
-    if matches!(endpoint, Endpoint::Metadata | Endpoint::MetadataIdentity) {
+    if matches!(
+        endpoint,
+        Endpoint::Metadata | Endpoint::MetadataIdentity | Endpoint::MetadataValue
+    ) {
         // Clients check this to know they reached a real metadata server.
         let flavor = HeaderName::from_static("metadata-flavor");
         response
@@ -247,16 +306,14 @@ fn record(parts: &Parts, body: &[u8], endpoint: Option<Endpoint>) -> RecordedReq
     }
 }
 
-/// A TCP listener whose connections a handler can cut off, to emulate a dropped connection.
-struct DroppableListener(TcpListener);
-
-/// A connection that fails every write once dropped, so hyper closes it without answering.
-struct DroppableStream {
-    inner: TcpStream,
+/// A connection that fails every write once dropped, so hyper closes it without answering: how
+/// the emulator drops a connection (see [`Fault::DropConnection`](super::Fault::DropConnection)).
+struct DroppableStream<S> {
+    inner: S,
     dropped: Arc<AtomicBool>,
 }
 
-/// Handed to the handler (as connect info) to drop its own connection.
+/// Handed to the handler (as a request extension) to drop its own connection.
 #[derive(Clone)]
 struct ConnectionHandle(Arc<AtomicBool>);
 
@@ -266,46 +323,26 @@ impl ConnectionHandle {
     }
 }
 
-impl Connected<IncomingStream<'_, DroppableListener>> for ConnectionHandle {
-    fn connect_info(stream: IncomingStream<'_, DroppableListener>) -> Self {
-        ConnectionHandle(Arc::clone(&stream.io().dropped))
-    }
-}
-
-impl Listener for DroppableListener {
-    type Io = DroppableStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.0.accept().await {
-                Ok((inner, addr)) => {
-                    return (
-                        DroppableStream {
-                            inner,
-                            dropped: Arc::default(),
-                        },
-                        addr,
-                    );
-                }
-                // Usually out of file descriptors: back off instead of spinning, as axum does.
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
+impl<S> DroppableStream<S> {
+    fn new(inner: S) -> Self {
+        DroppableStream {
+            inner,
+            dropped: Arc::default(),
         }
     }
 
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.0.local_addr()
+    fn handle(&self) -> ConnectionHandle {
+        ConnectionHandle(Arc::clone(&self.dropped))
     }
 }
 
-impl AsyncRead for DroppableStream {
+impl<S: AsyncRead + Unpin> AsyncRead for DroppableStream<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for DroppableStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for DroppableStream<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if self.dropped.load(Ordering::SeqCst) {
             return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));

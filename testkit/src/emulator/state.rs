@@ -101,6 +101,8 @@ pub(super) struct State {
     pub(super) keys: HashMap<String, ServiceAccountKey>,
     pub(super) users: Vec<AuthorizedUser>,
     pub(super) metadata_account: Option<String>,
+    /// The metadata server's project: ID and number.
+    pub(super) metadata_project: Option<(String, u64)>,
     pub(super) account_connectors: HashSet<String>,
     pub(super) data_connectors: HashSet<String>,
     /// Link name → link.
