@@ -6,7 +6,7 @@
 #
 #   scripts/test.sh                        every test on the newest pinned Kubernetes minor; with
 #                                          CI=true or --all-versions, then the end-to-end operator,
-#                                          CRD, chart, admission, example and format tests on every
+#                                          CRD, chart, admission, example, format and attachment tests on every
 #                                          other pinned minor
 #   scripts/test.sh --kube-version 1.34    every test on Kubernetes 1.34 only (also KUBE_VERSION=1.34)
 #   scripts/test.sh -- NAME_FILTER         arguments after `--` go to the test binaries
@@ -89,8 +89,8 @@ if [ "$all_versions" = true ]; then
     log "test substrate for Kubernetes $minor"
     KUBEBUILDER_ASSETS=$(substrate "$minor")
     version=$("$KUBEBUILDER_ASSETS/kube-apiserver" --version)
-    log "cargo test, the end-to-end operator, CRD, chart, admission-policy, example and consumer-format tests on $version"
-    cargo test --locked -p gcp-token-operator --test operator --test crd --test chart --test admission --test examples --test formats -- "$@"
+    log "cargo test, the end-to-end operator, CRD, chart, admission-policy, example, consumer-format and ServiceAccount-attachment tests on $version"
+    cargo test --locked -p gcp-token-operator --test operator --test crd --test chart --test admission --test examples --test formats --test attachments -- "$@"
     cargo test --locked -p gcp-token-operator-testkit --test substrate -- "$@"
     tested+=("$version")
   done
