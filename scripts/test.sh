@@ -45,6 +45,10 @@ command -v git >/dev/null && [ -x "$(git --exec-path)/git-http-backend" ] || pac
 command -v curl >/dev/null || packages+=(curl)
 # tests/alerts.rs checks and unit-tests the chart's alerts with Prometheus's own promtool.
 command -v promtool >/dev/null || packages+=(prometheus)
+# tests/image.rs builds the release image offline and runs it with podman (scripts/image.sh), on
+# Debian's runc.
+command -v podman >/dev/null || packages+=(podman)
+command -v runc >/dev/null || packages+=(runc)
 if [ ${#packages[@]} -gt 0 ]; then
   log "installing ${packages[*]}"
   as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"

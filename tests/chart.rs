@@ -2,7 +2,7 @@
 //! wrong values, installs and uninstalls; `deploy/manifests/` is its default rendering; its RBAC is
 //! the reviewed list and is enough for the operator binary, authenticated as the chart's
 //! ServiceAccount and configured as the chart's Deployment configures it, to reconcile every
-//! example; and the container image builds the documented way without OpenSSL.
+//! example; and the release build links no OpenSSL (the image itself: tests/image.rs).
 //!
 //! `UPDATE_MANIFESTS=1 cargo test --test chart` regenerates `deploy/manifests/` and the chart's
 //! copy of the CRDs.
@@ -19,7 +19,7 @@ use std::{
 
 use gcp_token_operator::crd::TokenRequest;
 use gcp_token_operator_testkit::{
-    control_plane::{ControlPlane, apply_crds, mint_token, wait_for, wait_for_deletion},
+    control_plane::{ControlPlane, apply_crds, mint_token, wait_for_deletion},
     examples,
 };
 use k8s_openapi::{
@@ -37,7 +37,7 @@ use kube::{
     api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams},
 };
 use serde_json::{Value, json};
-use support::{Env, WAIT, ready_status};
+use support::{Env, WAIT};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const MANIFESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/manifests/gcp-token-operator.yaml");
@@ -800,17 +800,7 @@ async fn reconcile_every_example(env: &Env<'_>, operator: &ChartOperator) {
     let log = || operator.log();
     let examples = examples::token_requests();
     for example in &examples {
-        let name = example.name_any();
-        wait_for(
-            &env.token_requests(),
-            &name,
-            WAIT,
-            "Ready=True",
-            |tr| ready_status(tr) == Some("True"),
-            &log,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        env.wait_ready_logged(&example.name_any(), &log).await;
     }
 
     // A Secret no other example reads, renamed: the old one must go (the `delete` verb).
@@ -911,9 +901,6 @@ async fn reconcile_every_example(env: &Env<'_>, operator: &ChartOperator) {
     }
 }
 
-/// The build command the Dockerfile runs and the README documents.
-const RELEASE_BUILD: &str = "cargo build --release --locked --bin gcp-token-operator";
-
 /// The operator's own dependency tree (what `cargo install` and the image build): TLS by rustls,
 /// no OpenSSL, and no test code (the test kit is a dev-dependency only).
 #[test]
@@ -953,49 +940,4 @@ fn release_build_pulls_in_no_openssl_and_no_test_code() {
             "the release build depends on {test_code}"
         );
     }
-}
-
-#[test]
-fn dockerfile_builds_as_documented_and_runs_as_the_charts_user() {
-    let dockerfile = std::fs::read_to_string(Path::new(ROOT).join("Dockerfile")).unwrap();
-    assert!(
-        dockerfile.contains(RELEASE_BUILD),
-        "the Dockerfile does not run `{RELEASE_BUILD}`"
-    );
-    // The README documents the same command.
-    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
-    assert!(
-        readme.contains("docker build"),
-        "the README does not document `docker build`"
-    );
-    assert!(
-        readme.contains(RELEASE_BUILD),
-        "the README documents another build than `{RELEASE_BUILD}`"
-    );
-
-    let stages: Vec<&str> = dockerfile.split("\nFROM ").skip(1).collect();
-    assert!(stages.len() >= 2, "a multi-stage build");
-    let runtime = stages.last().unwrap();
-    assert!(
-        runtime.starts_with("gcr.io/distroless/static"),
-        "runtime image: {runtime}"
-    );
-    let instructions: Vec<&str> = runtime.lines().filter_map(|l| l.split_whitespace().next()).collect();
-    assert!(
-        !instructions.contains(&"RUN"),
-        "the runtime stage has no shell to RUN anything"
-    );
-    assert!(
-        runtime.contains("\nENTRYPOINT [\"/gcp-token-operator\"]"),
-        "exec-form entrypoint"
-    );
-    let user = runtime
-        .lines()
-        .find_map(|l| l.strip_prefix("USER "))
-        .expect("a USER in the runtime stage");
-    let values: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(Path::new(helm::CHART_DIR).join("values.yaml")).unwrap())
-            .unwrap();
-    let security = &values["podSecurityContext"];
-    assert_eq!(user, format!("{}:{}", security["runAsUser"], security["runAsGroup"]));
 }

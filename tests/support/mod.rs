@@ -201,6 +201,20 @@ impl<'a> Env<'a> {
             .await
     }
 
+    /// As `wait_ready`, for an operator this Env did not start: `log` is its log, for the failure.
+    pub async fn wait_ready_logged(&self, name: &str, log: &dyn Fn() -> String) {
+        wait_for(
+            &self.token_requests(),
+            name,
+            WAIT,
+            "Ready=True",
+            |tr| ready_status(tr) == Some("True"),
+            log,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     pub async fn wait_reason(&self, name: &str, reason: &str) -> TokenRequest {
         self.wait_tr(name, &format!("Ready reason {reason}"), |tr| {
             ready_reason(tr) == Some(reason)
