@@ -8,4 +8,5 @@ pub mod control_plane;
 pub mod emulator;
 pub mod examples;
 pub mod git_server;
+pub mod go;
 pub mod operator;

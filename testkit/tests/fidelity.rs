@@ -31,17 +31,8 @@ fn module() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fidelity")
 }
 
-/// `go` from PATH, or where Go's installer puts it (as scripts/test.sh looks for it).
 fn go() -> PathBuf {
-    ["go", "/usr/local/go/bin/go"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|go| {
-            Command::new(go)
-                .arg("version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
+    gcp_token_operator_testkit::go::toolchain()
         .expect("Go is required for the fidelity test: put `go` on PATH or install it in /usr/local/go")
 }
 
