@@ -13,6 +13,8 @@
 //! system, so the benchmark cannot rot. See docs/performance.md for the configurations and what
 //! each peer cannot do.
 
+mod common;
+
 use std::{
     collections::HashMap,
     fmt::Write as _,
@@ -120,19 +122,14 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // `cargo bench` passes --bench; `cargo test` runs this target too, with test-runner flags.
-    let args = if std::env::args().any(|a| a == "--bench") {
-        Args::parse()
-    } else {
-        Args {
-            count: 3,
-            lifetime: 15,
-            lifetimes: 2,
-            probes: 2,
-            restart_window: 5,
-            ..Args::parse_from(["peers"])
-        }
-    };
+    let args = common::args("peers", |defaults: Args| Args {
+        count: 3,
+        lifetime: 15,
+        lifetimes: 2,
+        probes: 2,
+        restart_window: 5,
+        ..defaults
+    });
     ensure!(args.lifetime >= 11, "--lifetime must be at least 11 s");
     ensure!(
         args.systems.first() == Some(&System::Operator),
@@ -442,18 +439,7 @@ impl Bench<'_> {
                 google: &self.google.base_url(),
                 log_path,
                 log_filter: "warn",
-                extra_args: &[
-                    "--concurrency",
-                    &concurrency,
-                    "--kube-qps",
-                    "0",
-                    "--google-rate-limit",
-                    "1000000",
-                    "--namespace-rate-limit",
-                    "0",
-                    "--namespace-max-in-flight",
-                    "0",
-                ],
+                extra_args: &common::unthrottled_operator_args(&concurrency),
             })?),
             System::ExternalSecrets => {
                 let binary = self

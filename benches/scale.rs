@@ -5,6 +5,8 @@
 //! writes per TokenRequest, restart with N valid tokens, steady-state refreshes, peak RSS.
 //! Under `cargo test` it runs a small smoke configuration so the code stays working.
 
+mod common;
+
 use std::{
     path::Path,
     sync::Arc,
@@ -64,18 +66,13 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // `cargo bench` passes --bench; `cargo test` runs this target too, with test-runner flags.
-    let args = if std::env::args().any(|a| a == "--bench") {
-        Args::parse()
-    } else {
-        Args {
-            count: 10,
-            steady_count: 5,
-            steady_lifetime: 12,
-            steady_window: 5,
-            ..Args::parse_from(["scale"])
-        }
-    };
+    let args = common::args("scale", |defaults: Args| Args {
+        count: 10,
+        steady_count: 5,
+        steady_lifetime: 12,
+        steady_window: 5,
+        ..defaults
+    });
     let started = Instant::now();
     let control_plane = ControlPlane::start().await.context("starting the control plane")?;
     let client = control_plane.client().await;
@@ -278,21 +275,7 @@ impl<'a> Bench<'a> {
             google: &self.google.base_url(),
             log_path: self.logs.path().join(format!("operator-{run}.log")),
             log_filter: "warn",
-            // The limits lifted: the baseline's client has none, and the emulator no quota. With
-            // the defaults a cold start of N takes at least N / 100 s by design.
-            extra_args: &[
-                "--concurrency",
-                &concurrency,
-                "--kube-qps",
-                "0",
-                "--google-rate-limit",
-                "1000000",
-                // One namespace holds every TokenRequest: fairness between namespaces off too.
-                "--namespace-rate-limit",
-                "0",
-                "--namespace-max-in-flight",
-                "0",
-            ],
+            extra_args: &common::unthrottled_operator_args(&concurrency),
         })?)
     }
 

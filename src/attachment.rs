@@ -43,6 +43,26 @@ pub fn plan(wanted: &[String], secret: &str, recorded: &[ServiceAccountAttachmen
     }
 }
 
+/// Keeps `recorded` within `limit` entries: every wanted one stays, and of the entries still to be
+/// removed (their removal failed) the first in order, up to the limit. Returns those kept and
+/// those given up on, which nothing will remove any more.
+pub fn bounded(
+    mut recorded: Vec<ServiceAccountAttachment>,
+    wanted: &[String],
+    secret: &str,
+    limit: usize,
+) -> (Vec<ServiceAccountAttachment>, Vec<ServiceAccountAttachment>) {
+    recorded.sort();
+    recorded.dedup();
+    let is_wanted = |r: &ServiceAccountAttachment| r.secret == secret && wanted.contains(&r.service_account);
+    let (mut kept, stale): (Vec<_>, Vec<_>) = recorded.into_iter().partition(is_wanted);
+    let room = limit.saturating_sub(kept.len());
+    let given_up = stale.iter().skip(room).cloned().collect();
+    kept.extend(stale.into_iter().take(room));
+    kept.sort();
+    (kept, given_up)
+}
+
 /// The patch that adds `secret` to the ServiceAccount's `imagePullSecrets`; `None` when it is
 /// listed already.
 pub fn attach_patch(account: &ServiceAccount, secret: &str) -> Option<Patch> {
@@ -121,6 +141,60 @@ mod tests {
                     .collect()
             }),
             ..ServiceAccount::default()
+        }
+    }
+
+    fn entry(account: &str, secret: &str) -> ServiceAccountAttachment {
+        ServiceAccountAttachment {
+            service_account: account.into(),
+            secret: secret.into(),
+        }
+    }
+
+    #[test]
+    fn the_record_keeps_what_is_wanted_and_gives_up_the_oldest_removals() {
+        let wanted = ["a".to_string(), "b".to_string()];
+        let recorded = vec![
+            entry("z", "pull"),
+            entry("b", "pull"),
+            entry("x", "old"),
+            entry("a", "pull"),
+            entry("a", "pull"),
+            entry("y", "pull"),
+        ];
+        let (kept, given_up) = bounded(recorded.clone(), &wanted, "pull", 4);
+        assert_eq!(
+            kept,
+            [
+                entry("a", "pull"),
+                entry("b", "pull"),
+                entry("x", "old"),
+                entry("y", "pull")
+            ]
+        );
+        assert_eq!(given_up, [entry("z", "pull")]);
+        let (kept, given_up) = bounded(recorded, &wanted, "pull", 32);
+        assert_eq!(kept.len(), 5, "duplicates folded: {kept:?}");
+        assert!(given_up.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn the_record_never_exceeds_its_limit_nor_drops_a_wanted_entry(
+            recorded in prop::collection::vec(("[a-d]", "[pq]"), 0..40),
+            wanted in prop::collection::btree_set("[a-d]", 0..4),
+            limit in 4usize..8,
+        ) {
+            let recorded: Vec<_> = recorded.iter().map(|(a, s)| entry(a, s)).collect();
+            let wanted: Vec<String> = wanted.into_iter().collect();
+            let (kept, given_up) = bounded(recorded.clone(), &wanted, "p", limit);
+            prop_assert!(kept.len() <= limit);
+            for r in &recorded {
+                prop_assert!(kept.contains(r) != given_up.contains(r), "{r:?} kept or given up, once");
+                if r.secret == "p" && wanted.contains(&r.service_account) {
+                    prop_assert!(kept.contains(r));
+                }
+            }
         }
     }
 

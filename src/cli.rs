@@ -6,6 +6,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use url::Url;
 
 use crate::{
+    controller::InitialList,
     fairness::FairnessLimits,
     google::Endpoints,
     leader::{Timing, TimingError},
@@ -75,6 +76,12 @@ pub struct RunArgs {
     /// spread over this window, never later than halfway to the token's expiry.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_REFRESH_SPREAD", default_value = "30s", value_parser = humantime::parse_duration)]
     pub refresh_spread: Duration,
+    /// How the watches fetch what exists when they start: `streaming` (a watch whose first
+    /// events are the objects, the least memory; needs the apiserver's WatchList feature, on by
+    /// default since Kubernetes 1.34), `paged` (lists of pages), or `auto` (streaming where the
+    /// apiserver serves it, asked once at start).
+    #[arg(long, env = "GCP_TOKEN_OPERATOR_INITIAL_LIST", value_enum, default_value_t = InitialList::Auto)]
+    pub initial_list: InitialList,
     /// Address of the health and metrics server.
     #[arg(long, env = "GCP_TOKEN_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,

@@ -74,6 +74,9 @@ pub mod bound {
     pub const URL: u32 = 512;
     /// ServiceAccounts one pull Secret is attached to: a namespace's build and runtime accounts.
     pub const ATTACHED_SERVICE_ACCOUNTS: u32 = 16;
+    /// Attachments the status records: the wanted ones, and as many whose removal failed and is
+    /// retried.
+    pub const RECORDED_ATTACHMENTS: u32 = 2 * ATTACHED_SERVICE_ACCOUNTS;
     /// An Argo CD project or repository name.
     pub const ARGO_NAME: u32 = 253;
     /// An npm scope (`@team`).
@@ -948,7 +951,7 @@ pub struct TokenRequestStatus {
     /// The ServiceAccounts whose `imagePullSecrets` hold an entry the operator put there (or
     /// found there), removed again when no longer wanted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = bound::ATTACHED_SERVICE_ACCOUNTS))]
+    #[schemars(length(max = bound::RECORDED_ATTACHMENTS))]
     pub attached_service_accounts: Vec<ServiceAccountAttachment>,
 }
 

@@ -81,6 +81,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespaces: args.namespaces,
         concurrency: args.concurrency,
         refresh_spread: args.refresh_spread,
+        initial_list: args.initial_list,
         instance,
     };
     let reconcile = controller::run(client.clone(), google, metrics.clone(), settings, ready.clone());

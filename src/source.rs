@@ -26,7 +26,7 @@ use crate::{
     credentials::{self, Content, CredentialFile, FileError},
     google::{GoogleClient, GoogleError, IssuedToken},
     refresh::{self, ErrorClass},
-    render::stored_token,
+    render::{TokenRecord, stored_token},
     singleflight::{Key, SingleFlight},
     status::Reason,
     validation::{
@@ -407,6 +407,15 @@ impl Sources<'_> {
     /// The token another TokenRequest currently holds: read from its Secret, and only if that
     /// Secret holds an unexpired token produced by that TokenRequest's current spec.
     fn token_request(&self, name: &str) -> Result<Credential, SourceError> {
+        let stored = self.upstream_token(name)?;
+        if stored.expires_at <= Timestamp::now() {
+            return Err(SourceError::TokenRequestNotReady { name: name.into() });
+        }
+        Ok(Credential::given(stored.token, Some(stored.expires_at)))
+    }
+
+    /// The token record in the Secret of another TokenRequest, if its current spec produced it.
+    fn upstream_token(&self, name: &str) -> Result<TokenRecord, SourceError> {
         let not_ready = || SourceError::TokenRequestNotReady { name: name.into() };
         let upstream = self
             .token_requests
@@ -432,22 +441,20 @@ impl Sources<'_> {
         if !crate::render::is_controlled_by(&secret, uid) {
             return Err(not_ready());
         }
-        let stored = stored_token(&secret, &spec.secret)
+        stored_token(&secret, &spec.secret)
             .filter(|t| t.spec_hash == spec.token_hash)
-            .ok_or_else(not_ready)?;
-        if stored.record.expires_at <= Timestamp::now() {
-            return Err(not_ready());
-        }
-        Ok(Credential::given(stored.record.token, Some(stored.record.expires_at)))
+            .map(|t| t.record)
+            .ok_or_else(not_ready)
     }
 
-    /// When the upstream TokenRequest of a `tokenRequest` source last obtained a token, if known.
+    /// When the upstream TokenRequest of a `tokenRequest` source obtained the token its Secret
+    /// holds. Read from the Secret, not the upstream's status: the Secret is written first, and
+    /// its watch event is what wakes the dependents.
     pub fn upstream_issued_at(&self, source: &Source) -> Option<Timestamp> {
         let Source::TokenRequest { name } = source else {
             return None;
         };
-        let upstream = self.token_requests.get(&ObjectRef::new(name).within(self.namespace))?;
-        upstream.status.as_ref()?.last_refresh_time.as_ref().map(|t| t.0)
+        self.upstream_token(name).ok().map(|t| t.issued_at)
     }
 }
 

@@ -340,6 +340,14 @@ async fn wrong_values_fail_the_install() {
             json!({"rateLimits": {"perNamespace": {"maxInFlight": -1}}}),
             "at '/rateLimits/perNamespace/maxInFlight'",
         ),
+        (
+            json!({"google": {"caBundle": {"configMapName": "ca", "secretName": "ca"}}}),
+            "configMapName or secretName, not both",
+        ),
+        (
+            json!({"google": {"caBundle": {"configMapName": "ca", "key": "../ca.crt"}}}),
+            "at '/google/caBundle/key'",
+        ),
     ];
     for (values, expected) in cases {
         match helm::install(control_plane, "rejected", "rejected", &values).await {
@@ -374,7 +382,8 @@ async fn optional_objects_and_settings_render_and_install() {
         "ambientNamespaces": ["team-a", "team-b"],
         "ambientCredentials": {"secretName": "operator-adc", "key": "adc.json"},
         "logFormat": "text",
-        "google": {"stsEndpoint": "https://sts.private.example", "metadataEndpoint": "http://169.254.169.254"},
+        "google": {"stsEndpoint": "https://sts.private.example", "metadataEndpoint": "http://169.254.169.254",
+            "caBundle": {"configMapName": "corporate-ca", "key": "bundle.pem"}},
         "commonLabels": {"team": "platform"},
         "commonAnnotations": {"owner": "platform@example.com"},
         "podLabels": {"tier": "control"},
@@ -458,6 +467,7 @@ async fn optional_objects_and_settings_render_and_install() {
             "GOOGLE_APPLICATION_CREDENTIALS",
             "/var/run/secrets/gcp-token-operator/ambient/adc.json",
         ),
+        ("SSL_CERT_FILE", "/etc/gcp-token-operator/ca/bundle.pem"),
     ] {
         assert_eq!(
             env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()),
@@ -465,16 +475,23 @@ async fn optional_objects_and_settings_render_and_install() {
             "{name}"
         );
     }
-    // The ambient credentials file: that one key of the Secret, read-only where the variable says.
+    // The ambient credentials file and the CA bundle: that one key of the Secret and of the
+    // ConfigMap, read-only where the variables say.
     assert_eq!(
         container["volumeMounts"],
-        json!([{"name": "ambient-credentials", "mountPath": "/var/run/secrets/gcp-token-operator/ambient",
-            "readOnly": true}])
+        json!([
+            {"name": "ambient-credentials", "mountPath": "/var/run/secrets/gcp-token-operator/ambient", "readOnly": true},
+            {"name": "ca-bundle", "mountPath": "/etc/gcp-token-operator/ca", "readOnly": true},
+        ])
     );
     assert_eq!(
         pod["spec"]["volumes"],
-        json!([{"name": "ambient-credentials", "secret": {"secretName": "operator-adc",
-            "items": [{"key": "adc.json", "path": "adc.json"}]}}])
+        json!([
+            {"name": "ambient-credentials", "secret": {"secretName": "operator-adc",
+                "items": [{"key": "adc.json", "path": "adc.json"}]}},
+            {"name": "ca-bundle", "configMap": {"name": "corporate-ca",
+                "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}},
+        ])
     );
     // Endpoints left empty stay Google's: the operator's defaults apply.
     assert!(

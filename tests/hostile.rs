@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use gcp_token_operator::{names, render};
+use gcp_token_operator::{crd, names, render};
 use gcp_token_operator_testkit::emulator::Endpoint;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
@@ -311,6 +311,13 @@ async fn a_rename_after_failures_removes_the_old_secret() {
     let tr = env.wait_reason("moving", "SecretConflict").await;
     assert_eq!(tr.status.unwrap().secret_name.as_deref(), Some("old"));
     env.secrets().delete("new", &DeleteParams::default()).await.unwrap();
+    // A foreign Secret is not watched: the operator looks again within a minute, or at once when
+    // asked to.
+    let asked = json!({"metadata": {"annotations": {crd::REFRESH_REQUESTED_ANNOTATION: "after-delete"}}});
+    env.token_requests()
+        .patch("moving", &PatchParams::default(), &Patch::Merge(&asked))
+        .await
+        .unwrap();
     let tr = env
         .wait_tr("moving", "Ready in Secret new", |tr| {
             ready_status(tr) == Some("True") && tr.status.as_ref().unwrap().secret_name.as_deref() == Some("new")

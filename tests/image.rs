@@ -3,7 +3,8 @@
 //! ServiceAccount with the chart's RBAC (a real `helm install`), the pod spec the API server
 //! stored for the chart's Deployment (security context, args, environment, limits), and the
 //! in-cluster configuration a pod gets. The Google endpoints are reached by host name over HTTPS,
-//! signed by a test CA: the operator trusts it only once it is in the container's CA bundle.
+//! signed by a test CA: the operator trusts it only once it is in the CA bundle the chart's
+//! `google.caBundle` mounts.
 
 #[path = "support/helm.rs"]
 #[allow(dead_code)] // install, objects and object; tests/chart.rs uses the rest
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use gcp_token_operator_testkit::container::{self, PodContainer, PodOptions};
 use gcp_token_operator_testkit::control_plane::{mint_token, wait_for};
-use gcp_token_operator_testkit::emulator::{Endpoint, HttpsEndpoint};
+use gcp_token_operator_testkit::emulator::Endpoint;
 use gcp_token_operator_testkit::examples;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
@@ -31,9 +32,9 @@ const RELEASE: &str = "gcp-token-operator";
 /// The names the container reaches Google's STS and IAM Credentials by, in its `/etc/hosts`.
 const STS_HOST: &str = "sts.googleapis.test";
 const IAM_HOST: &str = "iamcredentials.googleapis.test";
-/// Where the image's CA bundle is (distroless's `SSL_CERT_FILE`, and the path rustls's native
-/// roots read on Debian).
-const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The ConfigMap the chart's `google.caBundle` names: as the kubelet would, the test mounts its
+/// `ca.crt` where the chart's `SSL_CERT_FILE` says.
+const CA_CONFIG_MAP: &str = "google-ca";
 /// The examples run: `wif` exchanges the `builder` ServiceAccount's token at STS, `registry`
 /// impersonates with the result into a dockerconfigjson Secret.
 const EXAMPLES: [&str; 2] = ["sts-serviceaccounttoken.yaml", "dockerconfigjson.yaml"];
@@ -147,6 +148,7 @@ async fn the_image_runs_as_the_chart_runs_it() {
     let values = json!({"google": {
         "stsEndpoint": endpoint(STS_HOST),
         "iamCredentialsEndpoint": endpoint(IAM_HOST),
+        "caBundle": {"configMapName": CA_CONFIG_MAP},
     }});
     let objects = helm::objects(
         &helm::install(env.control_plane, RELEASE, RELEASE, &values)
@@ -194,12 +196,12 @@ async fn the_image_runs_as_the_chart_runs_it() {
         env: &env,
         pod: &pod,
         token: &token,
-        https: &https,
         logs: logs.path(),
     };
-    // The image's own CA bundle does not hold the test CA: the handshake fails, and no request
-    // reaches Google. The operator is ready all the same, and stops on SIGTERM.
-    let mut untrusting = run.start("untrusting", false);
+    // A bundle without the test CA (another CA's): the handshake fails, and no request reaches
+    // Google. The operator is ready all the same, and stops on SIGTERM.
+    let other = env.google.serve_https(&[]).await.unwrap();
+    let mut untrusting = run.start("untrusting", other.ca().pem());
     run.wait_ready(&mut untrusting).await;
     let log = || untrusting.0.log();
     let wif = wait_for(
@@ -226,9 +228,9 @@ async fn the_image_runs_as_the_chart_runs_it() {
         "no certificate error logged:\n{untrusting_log}"
     );
 
-    // With the test CA in the container's bundle (what an admin behind a TLS-intercepting proxy
-    // mounts), the same image issues the token.
-    let mut trusting = run.start("trusting", true);
+    // With the test CA in the chart's bundle (what an admin behind a TLS-intercepting proxy
+    // puts there), the same image issues the token.
+    let mut trusting = run.start("trusting", https.ca().pem());
     run.wait_ready(&mut trusting).await;
     let log = || trusting.0.log();
     for name in ["wif", "registry"] {
@@ -268,13 +270,12 @@ struct Run<'a> {
     env: &'a Env<'static>,
     pod: &'a k8s_openapi::api::core::v1::PodSpec,
     token: &'a str,
-    https: &'a HttpsEndpoint,
     logs: &'a Path,
 }
 
 impl Run<'_> {
-    /// Starts the pod's container, with the test CA as the image's CA bundle when `trust_test_ca`.
-    fn start(&self, name: &str, trust_test_ca: bool) -> (PodContainer, u16) {
+    /// Starts the pod's container, with `ca_pem` as the chart's CA bundle.
+    fn start(&self, name: &str, ca_pem: &str) -> (PodContainer, u16) {
         let control_plane = self.env.control_plane;
         let kubeconfig = kube::config::Kubeconfig::read_from(control_plane.kubeconfig_path()).unwrap();
         let cluster = kubeconfig.clusters[0].cluster.clone().unwrap();
@@ -295,10 +296,22 @@ impl Run<'_> {
         let http_addr = format!("127.0.0.1:{port}");
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
         // Readable by the container's user, as a ConfigMap volume's files are (0644).
-        let bundle_file = self.logs.join("ca-certificates.crt");
-        std::fs::write(&bundle_file, self.https.ca_pem()).unwrap();
+        let bundle_file = self.logs.join(format!("{name}-ca.crt"));
+        std::fs::write(&bundle_file, ca_pem).unwrap();
         std::fs::set_permissions(&bundle_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let bundle = [(bundle_file.as_path(), CA_BUNDLE)];
+        let container = &self.pod.containers[0];
+        let variable = container.env.iter().flatten().find(|v| v.name == "SSL_CERT_FILE");
+        let bundle_path = variable
+            .and_then(|v| v.value.as_deref())
+            .expect("the chart sets SSL_CERT_FILE");
+        let mounts = container.volume_mounts.iter().flatten();
+        assert!(
+            mounts
+                .filter(|m| m.name == "ca-bundle")
+                .any(|m| bundle_path.starts_with(&m.mount_path)),
+            "SSL_CERT_FILE is not in the bundle's volume"
+        );
+        let bundle = [(bundle_file.as_path(), bundle_path)];
         let container = PodContainer::start(PodOptions {
             pod_name: &format!("{RELEASE}-{name}"),
             namespace: RELEASE,
@@ -308,7 +321,7 @@ impl Run<'_> {
             api_server,
             env_overrides: &[("GCP_TOKEN_OPERATOR_HTTP_ADDR", &http_addr)],
             hosts: &[(STS_HOST, loopback), (IAM_HOST, loopback)],
-            files: if trust_test_ca { &bundle } else { &[] },
+            files: &bundle,
             log_path: self.logs.join(format!("{name}.log")),
         })
         .unwrap_or_else(|e| panic!("{e}"));

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use gcp_token_operator_testkit::{
-    control_plane::{mint_token, wait_for_deletion},
+    control_plane::{ControlPlane, mint_token, wait_for_deletion},
     emulator::{Endpoint, Fault},
 };
 use k8s_openapi::api::core::v1::Secret;
@@ -361,21 +361,26 @@ async fn resource_versions(env: &Env<'_>, names: &[&str]) -> Vec<Option<String>>
 async fn restart_with_valid_tokens_makes_no_call_and_no_write() {
     let mut env = Env::new("restart").await;
     env.google.add_service_account(SA_EMAIL, &["*"]);
-    env.start_operator();
+    // The first run lists in pages, the restarted one streams (`auto` on this apiserver): both
+    // fill the caches the reconciles rely on.
+    env.operator = Some(env.spawn_operator(&["--initial-list", "paged"]));
     env.create("wif", sts_spec()).await;
     env.create("sa", impersonation_spec(json!({"tokenRequest": {"name": "wif"}})))
         .await;
     env.wait_ready("wif").await;
     env.wait_ready("sa").await;
-    // Every write of the first run has landed (debounced reconciles included).
+    // Every write of the first run has landed.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls_before = env.google.requests().len();
     let versions_before = resource_versions(&env, &["wif", "sa"]).await;
+    assert!(!env.operator.as_ref().unwrap().log().contains("initial lists:"));
 
     env.kill_operator();
     env.start_operator();
     let operator = env.operator.as_ref().unwrap();
     operator.wait_ready(WAIT).await.unwrap_or_else(|e| panic!("{e}"));
+    let log = operator.log();
+    assert!(log.contains("initial lists: streamed"), "{log}");
     // Give the restarted operator time to reconcile everything it has synced.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -388,6 +393,25 @@ async fn restart_with_valid_tokens_makes_no_call_and_no_write() {
         versions_before,
         "no Secret or status write after the restart"
     );
+    env.assert_no_token_leaked().await;
+}
+
+/// An apiserver without streaming lists (the `WatchList` feature off, as before Kubernetes 1.34 by
+/// default): `--initial-list auto` finds out at start and lists in pages.
+#[tokio::test]
+async fn without_streaming_lists_the_watches_list_in_pages() {
+    let control_plane = ControlPlane::start_with_api_server_flags(&[("feature-gates", "WatchList=false")])
+        .await
+        .expect("a control plane without WatchList");
+    let mut env = Env::on(&control_plane, "paged").await;
+    env.create("wif", sts_spec()).await;
+    env.start_operator();
+    env.wait_ready("wif").await;
+    let log = env.operator_log();
+    assert!(log.contains("initial lists: paged"), "{log}");
+    // And the watches go on after the initial list: a second object is reconciled too.
+    env.create("later", sts_spec()).await;
+    env.wait_ready("later").await;
     env.assert_no_token_leaked().await;
 }
 

@@ -1,9 +1,12 @@
 //! Wiring: watches, caches, the controller loop and its shared context.
 
 mod dependents;
+mod initial_list;
+mod own_writes;
 mod reconcile;
 
 use std::{
+    hash::{DefaultHasher, Hash, Hasher},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -17,7 +20,7 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::ListParams,
     runtime::{
-        Controller, WatchStreamExt,
+        Controller, PredicateConfig, WatchStreamExt,
         controller::{self, Action},
         reflector::{self, ObjectRef, Store},
         watcher,
@@ -25,8 +28,11 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use self::dependents::Dependents;
-pub use self::reconcile::{Error, reconcile};
+use self::{dependents::Dependents, own_writes::OwnWrites};
+pub use self::{
+    initial_list::InitialList,
+    reconcile::{Error, reconcile},
+};
 use crate::{
     crd::TokenRequest,
     events::{EventRecorder, Reporter},
@@ -57,6 +63,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub token_requests: Store<TokenRequest>,
     pub secrets: Store<Secret>,
+    /// Secret writes of this controller whose watch events are not to trigger a reconcile.
+    pub own_writes: OwnWrites,
     pub policy: Arc<Policy>,
     pub ambient: Ambient,
     pub exchanges: Exchanges,
@@ -87,6 +95,7 @@ pub struct Settings {
     pub policy: Policy,
     pub ambient: Ambient,
     pub fairness: FairnessLimits,
+    pub initial_list: InitialList,
 }
 
 /// Fails early, with a hint, when the CRD is not installed.
@@ -120,6 +129,7 @@ pub async fn run(
         fairness: Fairness::new(settings.fairness),
         ..Exchanges::default()
     };
+    let streams = settings.initial_list.streams(&client, scopes[0].as_deref()).await;
     let controllers = scopes.iter().map(|namespace| {
         controller_for(
             &client,
@@ -127,7 +137,10 @@ pub async fn run(
             &metrics,
             &settings,
             &exchanges,
-            namespace.as_deref(),
+            WatchScope {
+                namespace: namespace.as_deref(),
+                streams,
+            },
             &sync,
         )
     });
@@ -169,22 +182,37 @@ where
     }
 }
 
+/// What one controller watches, and how its watches list.
+struct WatchScope<'a> {
+    /// `None`: every namespace.
+    namespace: Option<&'a str>,
+    /// Streaming initial lists (see [`InitialList`]).
+    streams: bool,
+}
+
 fn controller_for(
     client: &Client,
     google: &GoogleClient,
     metrics: &Arc<Metrics>,
     settings: &Settings,
     exchanges: &Exchanges,
-    namespace: Option<&str>,
+    WatchScope { namespace, streams }: WatchScope<'_>,
     sync: &Arc<SyncTracker>,
 ) -> impl Future<Output = ()> + use<> {
+    let listed = |config: watcher::Config| {
+        if streams {
+            config.streaming_lists()
+        } else {
+            config.any_semantic()
+        }
+    };
     // managedFields is dropped from the caches: it is often larger than the rest of the object.
     let (tr_reader, tr_writer) = reflector::store();
     let dependents = Dependents::default();
     let index = dependents.clone();
     let token_requests = watcher(
         api_in::<TokenRequest>(client, namespace),
-        watcher::Config::default().any_semantic(),
+        listed(watcher::Config::default()),
     )
     .default_backoff()
     .inspect(sync.watch())
@@ -199,17 +227,24 @@ fn controller_for(
         tr.annotations_mut().remove(LAST_APPLIED);
     })
     .reflect(tr_writer)
-    .applied_objects();
+    .applied_objects()
+    // The operator's own status writes come back as changes too; each reconcile schedules its
+    // own next one, so only what a user changes triggers one.
+    .predicate_filter(user_changes, PredicateConfig::default());
     // Only Secrets with the operator's label are watched, never every Secret of the cluster; as
     // anyone can set that label, the cache keeps of each only what it needs (`trim_for_cache`).
-    // Small pages bound what one list response holds before trimming: a Secret may be 1 MiB.
+    // Small pages (where lists are paged) bound what one list response holds before trimming: a
+    // Secret may be 1 MiB.
     let (secret_reader, secret_writer) = reflector::store();
+    let own_writes = OwnWrites::default();
+    let own = own_writes.clone();
     let secrets = watcher(
         api_in::<Secret>(client, namespace),
-        watcher::Config::default()
-            .labels(MANAGED_SELECTOR)
-            .any_semantic()
-            .page_size(SECRET_PAGE_SIZE),
+        listed(
+            watcher::Config::default()
+                .labels(MANAGED_SELECTOR)
+                .page_size(SECRET_PAGE_SIZE),
+        ),
     )
     .default_backoff()
     .inspect(sync.watch())
@@ -230,6 +265,7 @@ fn controller_for(
         metrics: metrics.clone(),
         token_requests: tr_reader.clone(),
         secrets: secret_reader.clone(),
+        own_writes,
         policy: Arc::new(settings.policy.clone()),
         ambient: settings.ambient.clone(),
         exchanges: exchanges.clone(),
@@ -238,14 +274,10 @@ fn controller_for(
     });
     let metrics = metrics.clone();
     Controller::for_stream(token_requests, tr_reader)
-        .watches_stream(secrets, move |secret| triggered_by_secret(&dependents, &secret))
-        .with_config(
-            controller::Config::default()
-                .concurrency(settings.concurrency)
-                // Our own Secret and status writes come back as two watch events right after a
-                // mint; one reconcile after both is enough, and sees the fresh status.
-                .debounce(Duration::from_millis(500)),
-        )
+        .watches_stream(secrets, move |secret| triggered_by_secret(&dependents, &own, &secret))
+        // No debounce: the operator's own writes trigger nothing (above), so a new TokenRequest
+        // is reconciled the moment it arrives.
+        .with_config(controller::Config::default().concurrency(settings.concurrency))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(move |result| {
@@ -265,9 +297,19 @@ fn controller_for(
         })
 }
 
-/// A change to a managed Secret concerns the TokenRequest that owns it and every TokenRequest
-/// that uses that one as its source (so a chain moves on as soon as its upstream has a token).
-fn triggered_by_secret(dependents: &Dependents, secret: &Secret) -> Vec<ObjectRef<TokenRequest>> {
+/// What of a TokenRequest a reconcile acts on besides its status: its spec (the generation),
+/// its annotations (a refresh request) and its deletion.
+fn user_changes(tr: &TokenRequest) -> Option<u64> {
+    let meta = &tr.metadata;
+    let mut hasher = DefaultHasher::new();
+    (meta.generation, &meta.annotations, meta.deletion_timestamp.is_some()).hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// A change to a managed Secret concerns the TokenRequest that owns it, unless the operator made
+/// it, and every TokenRequest that uses that one as its source (so a chain moves on as soon as its
+/// upstream has a token).
+fn triggered_by_secret(dependents: &Dependents, own: &OwnWrites, secret: &Secret) -> Vec<ObjectRef<TokenRequest>> {
     let Some(namespace) = secret.namespace() else {
         return Vec::new();
     };
@@ -276,7 +318,9 @@ fn triggered_by_secret(dependents: &Dependents, secret: &Secret) -> Vec<ObjectRe
     };
     let owner = ObjectRef::new(owner).within(&namespace);
     let mut refs = dependents.of(&owner);
-    refs.insert(0, owner);
+    if !own.is_own(secret) {
+        refs.insert(0, owner);
+    }
     refs
 }
 
@@ -286,4 +330,39 @@ fn error_policy(tr: Arc<TokenRequest>, error: &Error, ctx: Arc<Context>) -> Acti
     ctx.metrics.count_error(error.metric_label());
     warn!(namespace = tr.namespace().unwrap_or_default(), name = tr.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(5) + Duration::from_millis(fastrand::u64(0..5000)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tr(extra: serde_json::Value) -> TokenRequest {
+        let mut object = serde_json::json!({
+            "apiVersion": "gcptoken.dev/v1alpha1",
+            "kind": "TokenRequest",
+            "metadata": {"name": "t", "namespace": "a", "generation": 1, "resourceVersion": "10"},
+            "spec": {"flow": {"sts": {"audience": "a"}}, "source": {"serviceAccountToken": {"serviceAccountName": "d"}}},
+        });
+        json_patch::merge(&mut object, &extra);
+        serde_json::from_value(object).unwrap()
+    }
+
+    #[test]
+    fn only_what_users_change_triggers_a_reconcile() {
+        let seen = user_changes(&tr(serde_json::json!({}))).unwrap();
+        // The operator's own writes: the status and the finalizer, with new resourceVersions.
+        for own in [
+            serde_json::json!({"metadata": {"resourceVersion": "11"}, "status": {"failedAttempts": 3}}),
+            serde_json::json!({"metadata": {"resourceVersion": "12", "finalizers": ["gcptoken.dev/x"]}}),
+        ] {
+            assert_eq!(user_changes(&tr(own.clone())), Some(seen), "{own}");
+        }
+        for users in [
+            serde_json::json!({"metadata": {"generation": 2}}),
+            serde_json::json!({"metadata": {"annotations": {"gcptoken.dev/refresh-requested-at": "now"}}}),
+            serde_json::json!({"metadata": {"deletionTimestamp": "2026-12-01T00:00:00Z"}}),
+        ] {
+            assert_ne!(user_changes(&tr(users.clone())), Some(seen), "{users}");
+        }
+    }
 }

@@ -588,7 +588,8 @@ impl<'a> Reconciler<'a> {
     async fn apply(&self, name: &str, desired: &Secret) -> Result<(), kube::Error> {
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        api.patch(name, &params, &Patch::Apply(desired)).await?;
+        let applied = api.patch(name, &params, &Patch::Apply(desired)).await?;
+        self.ctx.own_writes.record(&applied);
         debug!(namespace = %self.namespace, secret = %name, "Secret applied");
         Ok(())
     }
@@ -602,7 +603,9 @@ impl<'a> Reconciler<'a> {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        Ok(api.create(&params, &skeleton).await?.uid())
+        let created = api.create(&params, &skeleton).await?;
+        self.ctx.own_writes.record(&created);
+        Ok(created.uid())
     }
 
     /// Deletes a Secret of this TokenRequest's, only if it still is exactly the one seen.

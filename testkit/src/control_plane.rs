@@ -132,6 +132,8 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     /// Running processes, in start order.
     processes: Mutex<Vec<(Component, Child)>>,
+    /// Flags kube-apiserver gets besides the harness's own (`--name=value`).
+    api_server_flags: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -142,6 +144,12 @@ impl ControlPlane {
     /// waits until they serve: `/readyz` answers and the `default` ServiceAccount exists (proving
     /// that the controllers run).
     pub async fn start() -> Result<ControlPlane, Error> {
+        Self::start_with_api_server_flags(&[]).await
+    }
+
+    /// As [`Self::start`], with more kube-apiserver flags, e.g. `("feature-gates",
+    /// "WatchList=false")` for an apiserver as an older or differently configured cluster runs it.
+    pub async fn start_with_api_server_flags(flags: &[(&str, &str)]) -> Result<ControlPlane, Error> {
         let started = Instant::now();
         sweep_stale_dirs();
         let binaries = locate_binaries().await?;
@@ -157,6 +165,7 @@ impl ControlPlane {
             config,
             kubeconfig,
             processes: Mutex::new(Vec::new()),
+            api_server_flags: flags.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect(),
             dir,
         };
         control_plane.spawn(Component::Etcd)?;
@@ -389,9 +398,10 @@ impl ControlPlane {
                 flag("listen-peer-urls", peer_url.clone().into());
                 flag("initial-advertise-peer-urls", peer_url.clone().into());
                 flag("initial-cluster", format!("default={peer_url}").into());
-                // Test data is small and short-lived: keep etcd's memory and disk use small, and
-                // never wait for the disk.
-                flag("quota-backend-bytes", "268435456".into());
+                // Test data is short-lived: never wait for the disk. The quota is etcd's default:
+                // 10,000 objects refreshing between two of the apiserver's five-minutely
+                // compactions outgrow 256 MiB; the file only grows as far as it is used.
+                flag("quota-backend-bytes", "2147483648".into());
                 flag("snapshot-count", "5000".into());
                 flag("unsafe-no-fsync", "true".into());
             }
@@ -415,6 +425,9 @@ impl ControlPlane {
                 flag("endpoint-reconciler-type", "none".into());
                 // Its bootstrap objects slow start-up, and tests never saturate the server.
                 flag("enable-priority-and-fairness", "false".into());
+                for (name, value) in &self.api_server_flags {
+                    flag(name, value.into());
+                }
             }
             Component::ControllerManager => {
                 flag("kubeconfig", file("kubeconfig"));

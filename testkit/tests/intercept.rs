@@ -23,9 +23,9 @@ async fn https_serves_the_same_emulator_to_clients_trusting_its_ca() {
     let emulator = GoogleEmulator::start().await.unwrap();
     let https = emulator.serve_https(&["127.0.0.1", "localhost"]).await.unwrap();
     assert_eq!(https.url(), format!("https://127.0.0.1:{}", https.port()));
-    assert_eq!(std::fs::read_to_string(https.ca_file()).unwrap(), https.ca_pem());
+    assert_eq!(std::fs::read_to_string(https.ca().file()).unwrap(), https.ca().pem());
 
-    let client = trusting(https.ca_pem()).build().unwrap();
+    let client = trusting(https.ca().pem()).build().unwrap();
     let over_tls: Value = client
         .get(format!("{}{CERTS}", https.url()))
         .send()
@@ -70,11 +70,11 @@ async fn tls_fails_without_the_test_ca_or_for_another_name() {
     assert!(error.is_connect(), "{error:?}");
 
     let other_ca = emulator.serve_https(&["127.0.0.1"]).await.unwrap();
-    let error = trusting(other_ca.ca_pem()).build().unwrap().get(&url).send().await;
+    let error = trusting(other_ca.ca().pem()).build().unwrap().get(&url).send().await;
     assert!(error.expect_err("each endpoint has its own CA").is_connect());
 
     let address = SocketAddr::from(([127, 0, 0, 1], https.port()));
-    let elsewhere = trusting(https.ca_pem())
+    let elsewhere = trusting(https.ca().pem())
         .resolve("elsewhere.test", address)
         .build()
         .unwrap();
@@ -91,12 +91,12 @@ async fn https_listener_stops_with_the_emulator_or_the_endpoint() {
     let emulator = GoogleEmulator::start().await.unwrap();
     let kept = emulator.serve_https(&["127.0.0.1"]).await.unwrap();
     let dropped = emulator.serve_https(&["127.0.0.1"]).await.unwrap();
-    let (dropped_port, dropped_ca) = (dropped.port(), dropped.ca_file().to_owned());
+    let (dropped_port, dropped_ca) = (dropped.port(), dropped.ca().file().to_owned());
     drop(dropped);
     assert!(!dropped_ca.exists(), "the CA file goes with the endpoint");
     wait_until_refused(dropped_port).await;
 
-    let client = trusting(kept.ca_pem()).build().unwrap();
+    let client = trusting(kept.ca().pem()).build().unwrap();
     let response = client.get(format!("{}{CERTS}", kept.url())).send().await.unwrap();
     assert_eq!(
         response.status(),
@@ -120,7 +120,7 @@ const METADATA_SA: &str = "node@proj.iam.gserviceaccount.com";
 
 /// A client that reaches everything through `proxy` and trusts only its CA.
 fn through(proxy: &InterceptingProxy) -> Client {
-    trusting(proxy.ca_pem())
+    trusting(proxy.ca().pem())
         .proxy(Proxy::all(proxy.url()).unwrap())
         .build()
         .unwrap()
@@ -273,8 +273,8 @@ async fn proxy_env_points_clients_at_it_and_its_ca_and_stops_with_it() {
     for name in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
         assert_eq!(env[name], proxy.url(), "{name}");
     }
-    assert_eq!(env["SSL_CERT_FILE"], proxy.ca_file().to_string_lossy());
-    assert_eq!(std::fs::read_to_string(proxy.ca_file()).unwrap(), proxy.ca_pem());
+    assert_eq!(env["SSL_CERT_FILE"], proxy.ca().file().to_string_lossy());
+    assert_eq!(std::fs::read_to_string(proxy.ca().file()).unwrap(), proxy.ca().pem());
     for name in ["NO_PROXY", "no_proxy"] {
         let direct: Vec<&str> = env[name].split(',').collect();
         assert!(
@@ -285,7 +285,7 @@ async fn proxy_env_points_clients_at_it_and_its_ca_and_stops_with_it() {
     assert_eq!(format!("http://{}", proxy.metadata_host()), emulator.base_url());
 
     let port: u16 = proxy.url().rsplit(':').next().unwrap().parse().unwrap();
-    let ca_file = proxy.ca_file().to_owned();
+    let ca_file = proxy.ca().file().to_owned();
     drop(proxy);
     assert!(!ca_file.exists(), "the CA file goes with the proxy");
     wait_until_refused(port).await;

@@ -8,13 +8,13 @@ use kube::{
     api::{Patch, PatchParams},
     runtime::controller::Action,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Error, Reconciler};
 use crate::{
     attachment::{self, Plan},
     controller::FIELD_MANAGER,
-    crd::{ATTACHMENT_FINALIZER, ServiceAccountAttachment, TokenRequestStatus},
+    crd::{ATTACHMENT_FINALIZER, ServiceAccountAttachment, TokenRequestStatus, bound},
     events::EventType,
     refresh,
     validation::ValidSpec,
@@ -85,7 +85,7 @@ impl Reconciler<'_> {
         for entry in &detach {
             if let Err(failed) = self.change(Change::Detach, entry).await {
                 retry_for(&failed);
-                self.report(Change::Detach, entry, &failed).await;
+                self.report_unless_retry(verify, Change::Detach, entry, &failed).await;
                 kept.push(entry.clone());
             }
         }
@@ -95,12 +95,21 @@ impl Reconciler<'_> {
                 Ok(()) => {}
                 Err(failed) => {
                     retry_for(&failed);
-                    self.report(Change::Attach, &entry, &failed).await;
+                    self.report_unless_retry(verify, Change::Attach, &entry, &failed).await;
                     kept.retain(|k| k != &entry);
                 }
             }
         }
-        kept.sort();
+        let limit = bound::RECORDED_ATTACHMENTS as usize;
+        let (kept, given_up) = attachment::bounded(kept, &spec.attach_to, &spec.secret.name, limit);
+        for entry in &given_up {
+            let note = format!(
+                "Secret {:?} stays listed in ServiceAccount {:?}: removing it failed and the status records at most {limit} attachments; remove it by hand",
+                entry.secret, entry.service_account
+            );
+            warn!(namespace = %self.namespace, name = %self.name, service_account = %entry.service_account, "{note}");
+            self.publish(EventType::Warning, "DetachAbandoned", note).await;
+        }
         status.attached_service_accounts = kept;
         if status.attached_service_accounts.is_empty() && spec.attach_to.is_empty() && self.holds_finalizer() {
             self.set_finalizer(false).await?;
@@ -193,6 +202,24 @@ impl Reconciler<'_> {
                 Err(kube::Error::Api(s)) if (s.code == 422 || s.code == 409) && attempt < PATCH_ATTEMPTS => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// A failure is reported with a new token or spec (`fresh`); the retries in between (every
+    /// minute while a ServiceAccount is missing) only log at debug level, so that a lasting
+    /// failure makes one Warning per token, not one per retry.
+    async fn report_unless_retry(
+        &self,
+        fresh: bool,
+        change: Change,
+        entry: &ServiceAccountAttachment,
+        failed: &Failed,
+    ) {
+        if fresh {
+            self.report(change, entry, failed).await;
+        } else {
+            debug!(namespace = %self.namespace, name = %self.name, service_account = %entry.service_account,
+                   "attachment still failing; retried");
         }
     }
 

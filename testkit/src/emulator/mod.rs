@@ -46,7 +46,7 @@ pub use faults::Fault;
 use id_tokens::IdTokenSigner;
 pub use proxy::InterceptingProxy;
 use state::{AuthorizedUser, GitRepositoryLink, ServiceAccountKey, Shared};
-pub use tls::HttpsEndpoint;
+pub use tls::{HttpsEndpoint, TrustedCa};
 
 /// A running emulator. Dropping it shuts its servers down (HTTP, and any HTTPS listener or proxy).
 pub struct GoogleEmulator {

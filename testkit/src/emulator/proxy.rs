@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
@@ -14,7 +13,6 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
-use tempfile::NamedTempFile;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -22,7 +20,7 @@ use tower::ServiceExt;
 
 use super::GoogleEmulator;
 use super::server::{self, HANDSHAKE_TIMEOUT};
-use super::tls::TestCa;
+use super::tls::{TestCa, TrustedCa};
 
 /// Where Google's client libraries find the metadata server over plain HTTP.
 const METADATA_HOSTS: [&str; 2] = ["metadata.google.internal", "169.254.169.254"];
@@ -38,8 +36,7 @@ fn intercepts_tls(host: &str) -> bool {
 pub struct InterceptingProxy {
     url: String,
     metadata_host: String,
-    ca_pem: String,
-    ca_file: NamedTempFile,
+    ca: TrustedCa,
     _stop: DropGuard,
 }
 
@@ -58,14 +55,9 @@ impl InterceptingProxy {
         self.url.clone()
     }
 
-    /// The CA certificate (PEM) of the intercepted hosts' certificates.
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
-    }
-
-    /// [`InterceptingProxy::ca_pem`] in a file, for `SSL_CERT_FILE`; it exists while the proxy lives.
-    pub fn ca_file(&self) -> &Path {
-        self.ca_file.path()
+    /// The CA of the intercepted hosts' certificates.
+    pub fn ca(&self) -> &TrustedCa {
+        &self.ca
     }
 
     /// `HOST:PORT` of the emulator for `GCE_METADATA_HOST`. Go's metadata client
@@ -81,7 +73,7 @@ impl InterceptingProxy {
     /// Programs using Go's metadata client also need `GCE_METADATA_HOST`
     /// ([`InterceptingProxy::metadata_host`]).
     pub fn env(&self) -> Vec<(String, String)> {
-        let ca_file = self.ca_file().to_string_lossy().into_owned();
+        let ca_file = self.ca.file().to_string_lossy().into_owned();
         let direct = "127.0.0.1,localhost,::1".to_owned();
         [
             ("HTTPS_PROXY", self.url()),
@@ -113,7 +105,7 @@ impl GoogleEmulator {
         let listener = TcpListener::bind(SocketAddr::new(self.ip, 0)).await?;
         let port = listener.local_addr()?.port();
         let stop = self.shutdown.child_token();
-        let (ca_pem, ca_file) = (ca.pem().to_owned(), ca.pem_file()?);
+        let trusted = ca.trusted()?;
         let interceptor = Arc::new(Interceptor {
             ca,
             configs: Mutex::default(),
@@ -125,8 +117,7 @@ impl GoogleEmulator {
         Ok(InterceptingProxy {
             url: format!("http://{}", super::reachable(SocketAddr::new(self.ip, port))),
             metadata_host: self.base_url().trim_start_matches("http://").to_owned(),
-            ca_pem,
-            ca_file,
+            ca: trusted,
             _stop: stop.drop_guard(),
         })
     }

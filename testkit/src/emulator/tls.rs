@@ -18,6 +18,25 @@ use tokio_util::sync::DropGuard;
 
 use super::{GoogleEmulator, server};
 
+/// The test CA of an HTTPS endpoint or an intercepting proxy, for the clients a test points there.
+pub struct TrustedCa {
+    pem: String,
+    file: NamedTempFile,
+}
+
+impl TrustedCa {
+    /// The CA certificate (PEM).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// The CA certificate in a file, for clients that read one (`SSL_CERT_FILE`, `--cacert`); it
+    /// exists while its endpoint or proxy lives.
+    pub fn file(&self) -> &Path {
+        self.file.path()
+    }
+}
+
 /// A certificate authority made for one listener or proxy, trusted only by the clients a test
 /// points at it.
 pub(super) struct TestCa {
@@ -39,20 +58,18 @@ impl TestCa {
         Ok(TestCa { issuer, pem })
     }
 
-    pub(super) fn pem(&self) -> &str {
-        &self.pem
-    }
-
-    /// The CA certificate in a file, for clients that read one (`SSL_CERT_FILE`, `--cacert`);
-    /// removed when the handle is dropped.
-    pub(super) fn pem_file(&self) -> io::Result<NamedTempFile> {
+    /// The CA certificate as clients are given it: in PEM and in a file.
+    pub(super) fn trusted(&self) -> io::Result<TrustedCa> {
         let mut file = tempfile::Builder::new()
             .prefix("google-emulator-ca-")
             .suffix(".pem")
             .tempfile()?;
         file.write_all(self.pem.as_bytes())?;
         file.flush()?;
-        Ok(file)
+        Ok(TrustedCa {
+            pem: self.pem.clone(),
+            file,
+        })
     }
 
     /// A TLS server configuration presenting a new leaf certificate for `names` (DNS names and
@@ -88,8 +105,7 @@ impl TestCa {
 pub struct HttpsEndpoint {
     port: u16,
     url: String,
-    ca_pem: String,
-    ca_file: NamedTempFile,
+    ca: TrustedCa,
     _stop: DropGuard,
 }
 
@@ -104,15 +120,9 @@ impl HttpsEndpoint {
         self.url.clone()
     }
 
-    /// The CA certificate (PEM) the listener's certificate is signed by.
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
-    }
-
-    /// [`HttpsEndpoint::ca_pem`] in a file, for clients that read one; it exists while the
-    /// endpoint lives.
-    pub fn ca_file(&self) -> &Path {
-        self.ca_file.path()
+    /// The CA the listener's certificate is signed by.
+    pub fn ca(&self) -> &TrustedCa {
+        &self.ca
     }
 }
 
@@ -149,8 +159,7 @@ impl GoogleEmulator {
         Ok(HttpsEndpoint {
             port,
             url: format!("https://{host}:{port}"),
-            ca_file: ca.pem_file()?,
-            ca_pem: ca.pem,
+            ca: ca.trusted()?,
             _stop: stop.drop_guard(),
         })
     }
