@@ -64,7 +64,9 @@ pub struct Context {
     pub token_requests: Store<TokenRequest>,
     pub secrets: Store<Secret>,
     /// Secret writes of this controller whose watch events are not to trigger a reconcile.
-    pub own_writes: OwnWrites,
+    pub secret_writes: OwnWrites,
+    /// Status and finalizer writes of this controller not yet in the TokenRequest cache.
+    pub token_request_writes: OwnWrites,
     pub policy: Arc<Policy>,
     pub ambient: Ambient,
     pub exchanges: Exchanges,
@@ -208,6 +210,8 @@ fn controller_for(
     };
     // managedFields is dropped from the caches: it is often larger than the rest of the object.
     let (tr_reader, tr_writer) = reflector::store();
+    let token_request_writes = OwnWrites::default();
+    let seen = token_request_writes.clone();
     let dependents = Dependents::default();
     let index = dependents.clone();
     let token_requests = watcher(
@@ -227,6 +231,12 @@ fn controller_for(
         tr.annotations_mut().remove(LAST_APPLIED);
     })
     .reflect(tr_writer)
+    // After the cache has it: a write seen here is one a reconcile no longer waits for.
+    .inspect(move |event| {
+        if let Ok(watcher::Event::Apply(tr) | watcher::Event::InitApply(tr)) = event {
+            seen.is_own(&tr.metadata);
+        }
+    })
     .applied_objects()
     // The operator's own status writes come back as changes too; each reconcile schedules its
     // own next one, so only what a user changes triggers one.
@@ -236,8 +246,8 @@ fn controller_for(
     // Small pages (where lists are paged) bound what one list response holds before trimming: a
     // Secret may be 1 MiB.
     let (secret_reader, secret_writer) = reflector::store();
-    let own_writes = OwnWrites::default();
-    let own = own_writes.clone();
+    let secret_writes = OwnWrites::default();
+    let own = secret_writes.clone();
     let secrets = watcher(
         api_in::<Secret>(client, namespace),
         listed(
@@ -265,7 +275,8 @@ fn controller_for(
         metrics: metrics.clone(),
         token_requests: tr_reader.clone(),
         secrets: secret_reader.clone(),
-        own_writes,
+        secret_writes,
+        token_request_writes,
         policy: Arc::new(settings.policy.clone()),
         ambient: settings.ambient.clone(),
         exchanges: exchanges.clone(),
@@ -318,7 +329,7 @@ fn triggered_by_secret(dependents: &Dependents, own: &OwnWrites, secret: &Secret
     };
     let owner = ObjectRef::new(owner).within(&namespace);
     let mut refs = dependents.of(&owner);
-    if !own.is_own(secret) {
+    if !own.is_own(&secret.metadata) {
         refs.insert(0, owner);
     }
     refs

@@ -42,6 +42,8 @@ use crate::{
 
 /// How soon a failed rollout restart is tried again.
 const ROLLOUT_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+/// How soon a reconcile that found the cache behind the operator's own write looks again.
+const CACHE_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(100);
 /// The least time between two mints a refresh request causes for one TokenRequest.
 pub const REFRESH_REQUEST_FLOOR: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -166,6 +168,11 @@ enum Existing {
 }
 
 pub async fn reconcile(tr: Arc<TokenRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // The cache does not show this object's last status yet (a trigger raced the watch): acting
+    // on the older copy would write that status again, from stale facts.
+    if ctx.token_request_writes.awaited(&tr.metadata) {
+        return Ok(Action::requeue(CACHE_CATCH_UP));
+    }
     let started = Instant::now();
     let reconciler = Reconciler::new(&tr, &ctx);
     if let Some(next_attempt) = reconciler.internal_error_backoff() {
@@ -589,7 +596,7 @@ impl<'a> Reconciler<'a> {
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let applied = api.patch(name, &params, &Patch::Apply(desired)).await?;
-        self.ctx.own_writes.record(&applied);
+        self.ctx.secret_writes.record(&applied.metadata);
         debug!(namespace = %self.namespace, secret = %name, "Secret applied");
         Ok(())
     }
@@ -604,7 +611,7 @@ impl<'a> Reconciler<'a> {
             ..Default::default()
         };
         let created = api.create(&params, &skeleton).await?;
-        self.ctx.own_writes.record(&created);
+        self.ctx.secret_writes.record(&created.metadata);
         Ok(created.uid())
     }
 
@@ -958,14 +965,24 @@ impl<'a> Reconciler<'a> {
             "kind": "TokenRequest",
             "status": status,
         });
-        api.patch_status(
-            &self.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(Error::PatchStatus)?;
+        let written = api
+            .patch_status(
+                &self.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(Error::PatchStatus)?;
+        self.record_write(&written);
         Ok(())
+    }
+
+    /// Notes a write of this TokenRequest that changed it: until the watch shows it, a reconcile
+    /// waits for the cache. (A write that changed nothing makes no watch event to wait for.)
+    fn record_write(&self, written: &TokenRequest) {
+        if written.metadata.resource_version != self.tr.metadata.resource_version {
+            self.ctx.token_request_writes.record(&written.metadata);
+        }
     }
 
     /// Set by `internal_error`: while it holds, nothing is tried for this object.

@@ -156,10 +156,12 @@ impl Reconciler<'_> {
             "kind": "TokenRequest",
             "metadata": { "name": self.name, "finalizers": finalizers },
         });
-        self.api::<crate::crd::TokenRequest>()
+        let written = self
+            .api::<crate::crd::TokenRequest>()
             .patch(&self.name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&patch))
             .await
             .map_err(Error::PatchFinalizer)?;
+        self.record_write(&written);
         Ok(())
     }
 
