@@ -177,8 +177,10 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("running {}", system.label()))?;
         results.push((system, figures));
-        // So far, in case a later system ends the run.
-        eprintln!("{}", bench.table(&results));
+        if results.len() < bench.args.systems.len() {
+            // So far, in case a later system ends the run.
+            eprintln!("{}", bench.table(&results));
+        }
     }
     println!("{}", bench.table(&results));
     eprintln!("benchmark finished in {:.0?}", started.elapsed());
